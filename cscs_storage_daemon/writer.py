@@ -1,0 +1,77 @@
+"""The only module that touches an output directory: atomic writes and snapshot retention."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from cscs_storage_daemon.envelope import is_snapshot_file_name
+
+
+class OutputWriter:
+    """Writes files into one directory so that a reader never sees a partial file.
+
+    Each write goes to a temporary file in the same directory, is flushed and fsynced, then renamed over the
+    target with `os.replace`, and the directory is fsynced so the rename survives a power cut.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, file_mode: int = 0o640, dir_mode: int = 0o750):
+        self.directory = Path(directory)
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
+
+    def ensure_directory(self) -> None:
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.directory, self.dir_mode)
+
+    def path_of(self, name: str) -> Path:
+        """The path of `name` inside the directory; refuses anything that is not a plain file name."""
+        if not name or name in {".", ".."} or "/" in name or "\x00" in name or name.startswith("."):
+            raise ValueError(f"refusing unsafe output file name {name!r}")
+        return self.directory / name
+
+    def exists(self, name: str) -> bool:
+        return self.path_of(name).exists()
+
+    def write(self, name: str, data: bytes) -> Path:
+        target = self.path_of(name)
+        self.ensure_directory()
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fchmod(handle.fileno(), self.file_mode)
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+        self._fsync_directory()
+        return target
+
+    def _fsync_directory(self) -> None:
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def snapshot_names(self) -> list[str]:
+        """all.json files in the directory, oldest first (names sort by time)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(entry.name for entry in os.scandir(self.directory) if is_snapshot_file_name(entry.name))
+
+    def prune_snapshots(self, keep: int) -> list[str]:
+        """Delete all but the newest `keep` all.json files; order files are never touched."""
+        names = self.snapshot_names()
+        doomed = names[: max(0, len(names) - keep)]
+        for name in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.directory / name)
+        return doomed
