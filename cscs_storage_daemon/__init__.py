@@ -2,4 +2,3 @@
 
 __version__ = "0.1.0"
 APP_VERSION = "1.4.0"  # the envelope version consumers check; never the daemon's own version
-

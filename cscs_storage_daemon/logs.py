@@ -45,9 +45,7 @@ def _redact_value(value: Any) -> Any:
     return value
 
 
-def redact_secrets(
-    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
+def redact_secrets(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     if not _secrets:
         return event_dict
     for key, value in list(event_dict.items()):
@@ -55,9 +53,7 @@ def redact_secrets(
     return event_dict
 
 
-def drop_authorization(
-    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
+def drop_authorization(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Headers must never be logged whole; if one slips in, its Authorization value goes."""
     headers = event_dict.get("headers")
     if isinstance(headers, dict):

@@ -36,15 +36,11 @@ class Metrics:
         self.waldur_retries = Counter(
             "cscs_waldur_request_retries_total", "Waldur requests retried", ["reason"], registry=r
         )
-        self.waldur_requests = Counter(
-            "cscs_waldur_requests_total", "Waldur requests made", ["outcome"], registry=r
-        )
+        self.waldur_requests = Counter("cscs_waldur_requests_total", "Waldur requests made", ["outcome"], registry=r)
         self.broker_reconnects = Counter(
             "cscs_broker_reconnects_total", "Broker reconnections", ["transport"], registry=r
         )
-        self.broker_connected = Gauge(
-            "cscs_broker_connected", "1 while the broker connection is up", registry=r
-        )
+        self.broker_connected = Gauge("cscs_broker_connected", "1 while the broker connection is up", registry=r)
         self.last_snapshot = Gauge(
             "cscs_last_snapshot_timestamp_seconds",
             "Last successful all.json per offering",
@@ -70,6 +66,4 @@ class Metrics:
         self.write_failures = Counter(
             "cscs_write_failures_total", "Output file writes that failed", ["kind"], registry=r
         )
-        self.reconciliations = Counter(
-            "cscs_reconciliations_total", "Reconciliation passes", ["outcome"], registry=r
-        )
+        self.reconciliations = Counter("cscs_reconciliations_total", "Reconciliation passes", ["outcome"], registry=r)

@@ -142,8 +142,7 @@ class OfferingMirror:
             expired = [
                 key
                 for key, entry in self._entries.items()
-                if entry.terminated_since is not None
-                and now - entry.terminated_since >= self.removed_retention
+                if entry.terminated_since is not None and now - entry.terminated_since >= self.removed_retention
             ]
             for key in expired:
                 del self._entries[key]
