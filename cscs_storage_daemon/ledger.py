@@ -40,7 +40,7 @@ class OrderRecord:
 
     @property
     def written(self) -> bool:
-        return self.file_name is not None
+        return self.written_at is not None
 
     @property
     def completed(self) -> bool:
@@ -71,17 +71,27 @@ class Ledger:
             ).fetchone()
         return OrderRecord(*row) if row else None
 
-    def record_written(
-        self, order_uuid: str, *, order_type: str, offering: str, resource_uuid: str, file_name: str, at: str
-    ) -> None:
+    def record_intent(
+        self, order_uuid: str, *, order_type: str, offering: str, resource_uuid: str, file_name: str
+    ) -> str:
+        """Reserve the order file's name before writing it; an existing reservation is kept and returned."""
         with self._lock:
             self._db.execute(
-                "INSERT INTO orders (order_uuid, order_type, offering, resource_uuid, file_name, written_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(order_uuid) DO UPDATE SET file_name = excluded.file_name,"
-                " written_at = excluded.written_at, resource_uuid = excluded.resource_uuid",
-                (order_uuid, order_type, offering, resource_uuid, file_name, at),
+                "INSERT INTO orders (order_uuid, order_type, offering, resource_uuid, file_name)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(order_uuid) DO UPDATE SET file_name = COALESCE(orders.file_name, excluded.file_name),"
+                " resource_uuid = excluded.resource_uuid",
+                (order_uuid, order_type, offering, resource_uuid, file_name),
             )
+            row = self._db.execute(
+                "SELECT file_name FROM orders WHERE order_uuid = ?", (order_uuid,)
+            ).fetchone()
+        return str(row[0])
+
+    def record_written(self, order_uuid: str, *, at: str) -> None:
+        """The order file is durable."""
+        with self._lock:
+            self._db.execute("UPDATE orders SET written_at = ? WHERE order_uuid = ?", (at, order_uuid))
 
     def record_completed(self, order_uuid: str, *, order_type: str, offering: str, outcome: str, at: str) -> None:
         with self._lock:
