@@ -61,8 +61,11 @@ class Debouncer:
             self.last_write = now
 
     def failed(self, taken: tuple[float | None, float | None], now: float) -> None:
-        """A regeneration failed: the changes are unsaved again and retried after `quiet`."""
-        if taken[0] is not None or self.first_change is not None:
-            # Retry after a quiet period, not in a tight loop against a failing disk.
-            self.first_change = now
-            self.last_change = now
+        """A regeneration failed: the changes are unsaved again and retried after `quiet`.
+
+        Also when nothing had changed (a heartbeat or a forced first write): the file on disk is still not what it
+        should be, and leaving the heartbeat overdue would retry at once, in a tight loop against a failing disk.
+        """
+        del taken  # whatever was taken, the retry is one `quiet` from now
+        self.first_change = now
+        self.last_change = now

@@ -1,0 +1,222 @@
+"""Envelopes, file names and rendering of the storage JSON (spec storage-json §4–5). Pure: no I/O."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from cscs_storage_daemon.envelope import (
+    content_key,
+    envelope,
+    is_snapshot_file_name,
+    order_envelope,
+    order_file_name,
+    paginate,
+    render,
+    snapshot_envelope,
+    snapshot_file_name,
+)
+
+ZURICH = ZoneInfo("Europe/Zurich")
+UUID_HEX = "0a1b2c3d4e5f40718293a4b5c6d7e8f9"
+
+
+def resource(name: str = "msclimate-store") -> dict[str, object]:
+    return {"itemId": "4eab2f7d-5a6c-4b8d-9e0f-1a2b3c4d5e6f", "status": "active", "name": name}
+
+
+# ---------------------------------------------------------------------------------------------------- paginate
+
+
+@pytest.mark.parametrize(
+    ("total", "page", "size", "expected"),
+    [
+        (0, 1, 10, {"current": 1, "limit": 10, "offset": 0, "pages": 1, "total": 0}),
+        (1, 1, 10, {"current": 1, "limit": 10, "offset": 0, "pages": 1, "total": 1}),
+        (10, 1, 10, {"current": 1, "limit": 10, "offset": 0, "pages": 1, "total": 10}),
+        (11, 2, 10, {"current": 2, "limit": 10, "offset": 10, "pages": 2, "total": 11}),
+        (95, 3, 25, {"current": 3, "limit": 25, "offset": 50, "pages": 4, "total": 95}),
+    ],
+)
+def test_paginate(total: int, page: int, size: int, expected: dict[str, int]) -> None:
+    assert paginate(total=total, page=page, page_size=size) == expected
+
+
+def test_paginate_key_order() -> None:
+    assert list(paginate(total=5, page=1, page_size=2)) == ["current", "limit", "offset", "pages", "total"]
+
+
+def test_empty_all_json_has_limit_one_and_one_page() -> None:
+    document = snapshot_envelope([], date=datetime(2025, 3, 14, 9, 26, tzinfo=UTC))
+    assert document["result"] == {
+        "storageResources": [],
+        "paginate": {"current": 1, "limit": 1, "offset": 0, "pages": 1, "total": 0},
+    }
+
+
+def test_all_json_is_one_page_holding_everything() -> None:
+    resources = [resource(f"r{i}") for i in range(7)]
+    document = snapshot_envelope(resources, date=datetime(2025, 3, 14, 9, 26, tzinfo=UTC))
+    assert document["result"]["storageResources"] == resources
+    assert document["result"]["paginate"] == {"current": 1, "limit": 7, "offset": 0, "pages": 1, "total": 7}
+
+
+# ---------------------------------------------------------------------------------------------------- envelope
+
+
+def test_envelope_key_order() -> None:
+    document = snapshot_envelope([resource()], date=datetime(2025, 3, 14, 9, 26, tzinfo=UTC))
+    assert list(document) == ["status", "code", "meta", "result"]
+    assert list(document["meta"]) == ["date", "appVersion"]
+    assert list(document["result"]) == ["storageResources", "paginate"]
+    assert document["status"] == "success"
+    assert document["code"] == 200
+    assert document["meta"]["appVersion"] == "1.4.0"
+
+
+def test_order_file_has_one_resource_and_no_paginate() -> None:
+    document = order_envelope(resource(), date=datetime(2025, 3, 14, 9, 26, tzinfo=UTC))
+    assert list(document["result"]) == ["storageResources"]
+    assert document["result"]["storageResources"] == [resource()]
+    assert list(document) == ["status", "code", "meta", "result"]
+
+
+def test_envelope_does_not_share_the_callers_list() -> None:
+    resources = [resource()]
+    document = envelope(resources, date=datetime(2025, 1, 1, tzinfo=UTC), pagination=None)
+    resources.append(resource("other"))
+    assert len(document["result"]["storageResources"]) == 1
+
+
+def test_meta_date_has_an_offset() -> None:
+    document = snapshot_envelope([], date=datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC))
+    assert document["meta"]["date"] == "2025-03-14T09:26:53+00:00"
+    assert datetime.fromisoformat(document["meta"]["date"]).utcoffset() is not None
+
+
+# ---------------------------------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(
+    ("utc", "local_stamp", "offset"),
+    [
+        (datetime(2025, 1, 15, 23, 30, 5, tzinfo=UTC), "2025-01-16-00-30", "+01:00"),  # winter: next day
+        (datetime(2025, 7, 1, 22, 59, 59, tzinfo=UTC), "2025-07-02-00-59", "+02:00"),  # summer time
+    ],
+)
+def test_names_use_the_zones_wall_time_and_match_meta_date(utc: datetime, local_stamp: str, offset: str) -> None:
+    local = utc.astimezone(ZURICH)
+    document = snapshot_envelope([], date=local)
+    assert snapshot_file_name(local) == f"{local_stamp}-all.json"
+    assert order_file_name(local, "create", UUID_HEX) == f"{local_stamp}-create_{UUID_HEX}.json"
+    meta = datetime.fromisoformat(document["meta"]["date"])
+    assert meta == utc  # the same instant …
+    assert document["meta"]["date"].endswith(offset)  # … in the same zone
+    assert meta.strftime("%Y-%m-%d-%H-%M") == local_stamp  # … and the same wall time as the name
+
+
+@pytest.mark.parametrize("order_type", ["create", "update", "terminate", "Create", "UPDATE"])
+def test_order_file_name_types(order_type: str) -> None:
+    name = order_file_name(datetime(2025, 3, 14, 9, 26, tzinfo=UTC), order_type, UUID_HEX)
+    assert name == f"2025-03-14-09-26-{order_type.lower()}_{UUID_HEX}.json"
+
+
+@pytest.mark.parametrize("order_type", ["delete", "", "restore", "create ", "terminate\n"])
+def test_order_file_name_rejects_bad_types(order_type: str) -> None:
+    with pytest.raises(ValueError, match="order type"):
+        order_file_name(datetime(2025, 3, 14, tzinfo=UTC), order_type, UUID_HEX)
+
+
+@pytest.mark.parametrize(
+    "uuid",
+    [
+        "",
+        UUID_HEX[:-1],
+        UUID_HEX + "0",
+        UUID_HEX.upper(),
+        "0a1b2c3d-4e5f-4071-8293-a4b5c6d7e8f9",
+        "0a1b2c3d4e5f40718293a4b5c6d7e8fg",
+        "../../../../etc/passwd0000000000",
+        "0a1b2c3d4e5f40718293a4b5c6d7e8f\x00",
+    ],
+)
+def test_order_file_name_rejects_non_hex_uuids(uuid: str) -> None:
+    with pytest.raises(ValueError, match="uuid"):
+        order_file_name(datetime(2025, 3, 14, tzinfo=UTC), "create", uuid)
+
+
+def test_snapshot_file_names_are_recognised() -> None:
+    assert is_snapshot_file_name(snapshot_file_name(datetime(2025, 3, 14, 9, 26, tzinfo=UTC)))
+    assert not is_snapshot_file_name(order_file_name(datetime(2025, 3, 14, tzinfo=UTC), "create", UUID_HEX))
+    assert not is_snapshot_file_name("all.json")
+    assert not is_snapshot_file_name(".tmp-abc-all.json.part")
+
+
+# ---------------------------------------------------------------------------------------------------- render
+
+
+def test_render_format() -> None:
+    document = order_envelope({"name": "Zürich-Ω-数据", "quota": 1.5}, date=datetime(2025, 3, 14, 9, 26, tzinfo=ZURICH))
+    data = render(document)
+    text = data.decode("utf-8")
+    assert text.endswith("}\n") and not text.endswith("\n\n")
+    assert '\n  "status": "success",\n' in text  # 2-space indent
+    assert '\n    "date": "2025-03-14T09:26:00+01:00",\n' in text
+    assert "Zürich-Ω-数据" in text and "\\u" not in text  # non-ASCII kept literally
+    assert json.loads(data) == document
+
+
+def test_render_exact_bytes() -> None:
+    document = envelope([{"a": "é"}], date=datetime(2025, 1, 2, 3, 4, tzinfo=UTC), pagination=None)
+    expected = (
+        "{\n"
+        '  "status": "success",\n'
+        '  "code": 200,\n'
+        '  "meta": {\n'
+        '    "date": "2025-01-02T03:04:00+00:00",\n'
+        '    "appVersion": "1.4.0"\n'
+        "  },\n"
+        '  "result": {\n'
+        '    "storageResources": [\n'
+        "      {\n"
+        '        "a": "é"\n'
+        "      }\n"
+        "    ]\n"
+        "  }\n"
+        "}\n"
+    ).encode()
+    assert render(document) == expected
+
+
+def test_render_empty_containers() -> None:
+    data = render(snapshot_envelope([], date=datetime(2025, 1, 1, tzinfo=UTC)))
+    assert b'"storageResources": [],' in data
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_render_refuses_nan_and_infinity(bad: float) -> None:
+    document = order_envelope({"quota": bad}, date=datetime(2025, 1, 1, tzinfo=UTC))
+    with pytest.raises(ValueError):
+        render(document)
+
+
+# ---------------------------------------------------------------------------------------------------- content key
+
+
+def test_content_key_ignores_meta_date() -> None:
+    a = snapshot_envelope([resource()], date=datetime(2025, 1, 1, tzinfo=UTC))
+    b = snapshot_envelope([resource()], date=datetime(2025, 6, 1, 12, 0, tzinfo=ZURICH))
+    assert render(a) != render(b)
+    assert content_key(a) == content_key(b)
+
+
+def test_content_key_sees_every_resource_change() -> None:
+    date = datetime(2025, 1, 1, tzinfo=UTC)
+    base = content_key(snapshot_envelope([resource("a"), resource("b")], date=date))
+    assert content_key(snapshot_envelope([resource("a"), resource("c")], date=date)) != base
+    assert content_key(snapshot_envelope([resource("b"), resource("a")], date=date)) != base  # order matters
+    assert content_key(snapshot_envelope([resource("a")], date=date)) != base

@@ -1,0 +1,262 @@
+"""The output writer: atomic files, modes, safe names, retention, and what a concurrent reader sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cscs_storage_daemon.envelope import render, snapshot_envelope, snapshot_file_name
+from cscs_storage_daemon.writer import OutputWriter
+
+ORDER_NAME = "2025-03-14-09-26-create_0a1b2c3d4e5f40718293a4b5c6d7e8f9.json"
+START = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Anything in the directory that is not a finished file: temporary files of the writer."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") or p.name.endswith(".part"))
+
+
+@pytest.fixture
+def umask_077() -> Iterator[None]:
+    """A strict umask must not change the modes the spec asks for."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def test_write_creates_the_file_with_the_exact_bytes(tmp_path: Path) -> None:
+    out = OutputWriter(tmp_path / "out")
+    path = out.write("2025-03-14-09-26-all.json", b'{"a": 1}\n')
+    assert path == tmp_path / "out" / "2025-03-14-09-26-all.json"
+    assert path.read_bytes() == b'{"a": 1}\n'
+    assert out.exists("2025-03-14-09-26-all.json")
+    assert not out.exists("2025-03-14-09-27-all.json")
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_a_second_write_replaces_the_first(tmp_path: Path) -> None:
+    out = OutputWriter(tmp_path)
+    out.write("2025-03-14-09-26-all.json", b"first\n")
+    out.write("2025-03-14-09-26-all.json", b"second\n")
+    assert (tmp_path / "2025-03-14-09-26-all.json").read_bytes() == b"second\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2025-03-14-09-26-all.json"]
+
+
+@pytest.mark.usefixtures("umask_077")
+def test_default_modes(tmp_path: Path) -> None:
+    directory = tmp_path / "feeds" / "capstor"
+    path = OutputWriter(directory).write("x.json", b"{}\n")
+    assert mode_of(path) == 0o640
+    assert mode_of(directory) == 0o750
+
+
+@pytest.mark.usefixtures("umask_077")
+@pytest.mark.parametrize(("file_mode", "dir_mode"), [(0o600, 0o700), (0o644, 0o755)])
+def test_configured_modes(tmp_path: Path, file_mode: int, dir_mode: int) -> None:
+    directory = tmp_path / "out"
+    out = OutputWriter(directory, file_mode=file_mode, dir_mode=dir_mode)
+    path = out.write("x.json", b"{}\n")
+    assert mode_of(path) == file_mode
+    assert mode_of(directory) == dir_mode
+    out.write("x.json", b"[]\n")  # a replaced file gets the mode too
+    assert mode_of(path) == file_mode
+
+
+def test_an_existing_directory_keeps_its_mode(tmp_path: Path) -> None:
+    directory = tmp_path / "out"
+    directory.mkdir()
+    os.chmod(directory, 0o755)
+    OutputWriter(directory).write("x.json", b"{}\n")
+    assert mode_of(directory) == 0o755
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", ".", "..", "../escape.json", "a/b.json", "/etc/passwd", "x\x00.json", ".hidden.json", ".tmp-x.part"],
+)
+def test_unsafe_names_are_refused(tmp_path: Path, name: str) -> None:
+    out = OutputWriter(tmp_path / "out")
+    with pytest.raises(ValueError, match="unsafe"):
+        out.write(name, b"{}\n")
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere, not even the directory
+
+
+# ---------------------------------------------------------------------------------------------------- failures
+
+
+def test_failed_rename_leaves_no_temp_file_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = OutputWriter(tmp_path)
+    out.write("2025-03-14-09-26-all.json", b"old\n")
+
+    def broken_replace(src: Any, dst: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="No space"):
+        out.write("2025-03-14-09-26-all.json", b"new\n")
+    with pytest.raises(OSError):
+        out.write("2025-03-14-09-27-all.json", b"new\n")
+    assert leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2025-03-14-09-26-all.json"]
+    assert (tmp_path / "2025-03-14-09-26-all.json").read_bytes() == b"old\n"
+
+
+def test_failed_fsync_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = OutputWriter(tmp_path)
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="Input/output"):
+        out.write("x.json", b"{}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even a KeyboardInterrupt between the temp file and the rename cleans up."""
+    out = OutputWriter(tmp_path)
+
+    def interrupted(src: Any, dst: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        out.write("x.json", b"{}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------- retention
+
+
+def snapshot_name(minute: int) -> str:
+    return snapshot_file_name(START + timedelta(minutes=minute))
+
+
+def test_prune_keeps_the_newest_and_never_touches_order_files(tmp_path: Path) -> None:
+    out = OutputWriter(tmp_path)
+    out.write(ORDER_NAME, b"{}\n")
+    out.write("notes.txt", b"not ours\n")
+    for minute in (5, 1, 3, 2, 4):  # written out of order: the name decides, not the write time
+        out.write(snapshot_name(minute), b"{}\n")
+    pruned = out.prune_snapshots(2)
+    assert pruned == [snapshot_name(1), snapshot_name(2), snapshot_name(3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [ORDER_NAME, "notes.txt", snapshot_name(4), snapshot_name(5)]
+    )
+    assert out.prune_snapshots(2) == []
+    assert out.prune_snapshots(0) == [snapshot_name(4), snapshot_name(5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ORDER_NAME, "notes.txt"])
+
+
+def test_prune_of_a_missing_directory(tmp_path: Path) -> None:
+    out = OutputWriter(tmp_path / "never-written")
+    assert out.snapshot_names() == []
+    assert out.prune_snapshots(1) == []
+
+
+# ---------------------------------------------------------------------------------------------------- the reader
+
+
+RESOURCES = 60
+
+
+def snapshot_bytes(generation: int) -> bytes:
+    """A realistic all.json of a few kB whose every resource carries its generation."""
+    resources = [
+        {"itemId": f"{i:032x}", "generation": generation, "name": f"resource-{i}-é", "quota": i * 1.5}
+        for i in range(RESOURCES)
+    ]
+    return render(snapshot_envelope(resources, date=START + timedelta(seconds=generation)))
+
+
+def check_document(document: Any) -> None:
+    assert list(document) == ["status", "code", "meta", "result"]
+    assert document["status"] == "success" and document["code"] == 200
+    resources = document["result"]["storageResources"]
+    assert document["result"]["paginate"]["total"] == RESOURCES == len(resources)
+    generation = resources[0]["generation"]
+    assert all(r["generation"] == generation for r in resources)
+    assert resources[-1]["itemId"] == f"{RESOURCES - 1:032x}"
+    assert document["meta"]["date"] == (START + timedelta(seconds=generation)).isoformat()
+
+
+@pytest.fixture
+def quick_thread_switches() -> Iterator[None]:
+    """Hand the GIL over often, so the busy reader does not starve the writer and the two interleave finely."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.0001)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+@pytest.mark.usefixtures("quick_thread_switches")
+def test_a_reader_never_sees_a_partial_file(tmp_path: Path) -> None:
+    """1 000 snapshots rewritten (each name twice, then a new minute) with pruning, while a reader polls."""
+    out = OutputWriter(tmp_path)
+    out.write(ORDER_NAME, snapshot_bytes(0))
+    done = threading.Event()
+    problems: list[str] = []
+    parsed = 0
+    vanished = 0
+
+    def reader() -> None:
+        nonlocal parsed, vanished
+        while not done.is_set():
+            for name in os.listdir(tmp_path):
+                if name.startswith("."):
+                    continue  # the writer's temporary files are hidden; consumers skip them
+                try:
+                    data = (tmp_path / name).read_bytes()
+                except FileNotFoundError:
+                    vanished += 1  # pruned between listing and opening: fine
+                    continue
+                try:
+                    check_document(json.loads(data))
+                except Exception as exc:  # a partial or mixed file
+                    problems.append(f"{name}: {type(exc).__name__}: {exc!s:.100} ({len(data)} bytes)")
+                    continue
+                parsed += 1
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for generation in range(1, 1001):
+            out.write(snapshot_name(generation // 2), snapshot_bytes(generation))
+            out.prune_snapshots(3)
+    finally:
+        done.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert problems == []
+    assert parsed > 0
+    assert leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [ORDER_NAME, snapshot_name(498), snapshot_name(499), snapshot_name(500)]
+    )
+    last = json.loads((tmp_path / snapshot_name(500)).read_bytes())
+    check_document(last)
+    assert last["result"]["storageResources"][0]["generation"] == 1000
