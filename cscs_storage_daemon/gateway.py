@@ -1,0 +1,444 @@
+"""The only module that talks HTTP to Waldur.
+
+Requests are built with waldur-api-client's request builders (``_get_kwargs``) and sent through the client's own
+``httpx.Client`` (so the ``Authorization`` header is set by the library), but answers are read as plain JSON: a
+resource is never rejected because a generated model cannot parse one of its values. Every call goes through the
+retry policy of `retry.py`; only transient failures (transport errors, timeouts, 429, 5xx) are retried.
+
+Errors:
+
+* `WaldurUnavailable`: still transient after the retry policy gave up;
+* `WaldurRejected`: a 4xx other than 429, raised at once (status and the body's ``detail`` in the message);
+* `WaldurPaginationError`: a listing that does not add up to its ``X-Result-Count``;
+* `WaldurError`: the base class, also used for answers that make no sense (an unexpected status, bad JSON).
+
+The token never appears in a message, a log line or an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid as uuid_mod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import structlog
+from waldur_api_client.api.marketplace_orders import (
+    marketplace_orders_approve_by_provider,
+    marketplace_orders_list,
+    marketplace_orders_retrieve,
+    marketplace_orders_set_state_done,
+    marketplace_orders_set_state_erred,
+)
+from waldur_api_client.api.marketplace_provider_offerings import marketplace_provider_offerings_retrieve
+from waldur_api_client.api.marketplace_provider_resources import (
+    marketplace_provider_resources_list,
+    marketplace_provider_resources_retrieve,
+    marketplace_provider_resources_set_backend_id,
+)
+from waldur_api_client.client import AuthenticatedClient
+from waldur_api_client.models.order_approve_by_provider_request import OrderApproveByProviderRequest
+from waldur_api_client.models.order_error_details_request import OrderErrorDetailsRequest
+from waldur_api_client.models.order_state import OrderState
+from waldur_api_client.models.resource_backend_id_request import ResourceBackendIDRequest
+
+from cscs_storage_daemon import __version__
+from cscs_storage_daemon.retry import (
+    OnRetry,
+    RetryPolicy,
+    TransientHTTPStatus,
+    build_retrying,
+    describe,
+    is_transient_status,
+    parse_retry_after,
+)
+
+log = structlog.get_logger(__name__)
+
+DETAIL_LIMIT = 300
+DEFAULT_PAGE_SIZE = 100
+LISTING_RESTARTS = 2
+
+
+class WaldurError(Exception):
+    """Any failure of a Waldur call. ``status`` is the HTTP status, or None when no answer arrived."""
+
+    def __init__(self, message: str, *, method: str, path: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.method = method
+        self.path = path
+        self.status = status
+
+
+class WaldurUnavailable(WaldurError):
+    """Waldur could not be reached, or kept answering 429/5xx, until the retry policy gave up."""
+
+
+class WaldurRejected(WaldurError):
+    """Waldur refused the request (4xx other than 429); trying again will not help."""
+
+    def __init__(self, message: str, *, method: str, path: str, status: int, detail: str) -> None:
+        super().__init__(message, method=method, path=path, status=status)
+        self.detail = detail
+
+
+class WaldurPaginationError(WaldurError):
+    """A listing did not add up: missing pages, a missing or lying ``X-Result-Count``, a broken ``Link``."""
+
+
+class _ListingChanged(Exception):
+    """The collection changed while it was being paged through; start over."""
+
+
+def api_root(api_url: str) -> str:
+    """The server root the client wants: ``https://h/api/`` and ``https://h`` both give ``https://h``."""
+    url = api_url.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("Waldur API URL must be an absolute http(s) URL")
+    if parts.query or parts.fragment:
+        raise ValueError("Waldur API URL must not carry a query or a fragment")
+    url = url.rstrip("/")
+    return url.removesuffix("/api")
+
+
+def uuid_hex(value: str | uuid_mod.UUID) -> str:
+    """32 lowercase hex digits, from a dashed or plain uuid; ValueError for anything else."""
+    if isinstance(value, uuid_mod.UUID):
+        return value.hex
+    return uuid_mod.UUID(str(value).strip()).hex
+
+
+class WaldurGateway:
+    """Synchronous Waldur REST access for the storage daemon (thread-safe: one shared httpx client)."""
+
+    def __init__(
+        self,
+        api_url: str,
+        token: str,
+        *,
+        verify_ssl: bool = True,
+        timeout: float = 10.0,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen dataclass, immutable default
+        transport: httpx.BaseTransport | None = None,
+        on_retry: OnRetry | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> None:
+        if not token:
+            raise ValueError("Waldur API token must not be empty")
+        if page_size < 1:
+            raise ValueError("page_size must be positive")
+        self._root = api_root(api_url)
+        self._token = token
+        self._retry = retry
+        self._on_retry = on_retry
+        self._page_size = page_size
+        httpx_args: dict[str, Any] = {}
+        if transport is not None:
+            httpx_args["transport"] = transport
+        self._client = AuthenticatedClient(
+            base_url=self._root,
+            token=token,
+            prefix="Token",
+            timeout=httpx.Timeout(timeout),
+            verify_ssl=verify_ssl,
+            headers={"User-Agent": f"cscs-storage-daemon/{__version__}", "Accept": "application/json"},
+            httpx_args=httpx_args,
+        )
+        # Build the httpx client now rather than lazily from several worker threads at once.
+        self._http: httpx.Client = self._client.get_httpx_client()
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> WaldurGateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"WaldurGateway({self._root!r})"
+
+    # -- resources ------------------------------------------------------------------------------------------------
+
+    def list_resources(self, offering_uuid: str | uuid_mod.UUID) -> list[dict[str, Any]]:
+        """Every resource of the offering (all pages, checked against ``X-Result-Count``)."""
+        kwargs = marketplace_provider_resources_list._get_kwargs(offering_uuid=[uuid_hex(offering_uuid)])
+        return self._list_all("list_resources", kwargs)
+
+    def get_resource(self, resource_uuid: str | uuid_mod.UUID) -> dict[str, Any]:
+        kwargs = marketplace_provider_resources_retrieve._get_kwargs(uuid_hex(resource_uuid))
+        return self._json_object(self._send("get_resource", kwargs))
+
+    def set_backend_id(self, resource_uuid: str | uuid_mod.UUID, backend_id: str) -> None:
+        body = ResourceBackendIDRequest(backend_id=backend_id)
+        kwargs = marketplace_provider_resources_set_backend_id._get_kwargs(uuid_hex(resource_uuid), body=body)
+        self._send("set_backend_id", kwargs)
+
+    # -- orders ---------------------------------------------------------------------------------------------------
+
+    def get_order(self, order_uuid: str | uuid_mod.UUID) -> dict[str, Any]:
+        kwargs = marketplace_orders_retrieve._get_kwargs(uuid_hex(order_uuid))
+        return self._json_object(self._send("get_order", kwargs))
+
+    def list_orders(self, offering_uuid: str | uuid_mod.UUID, states: Sequence[str]) -> list[dict[str, Any]]:
+        """Every order of the offering in one of ``states`` (all pages)."""
+        if isinstance(states, str):
+            raise TypeError("states must be a sequence of state names, not a string")
+        kwargs = marketplace_orders_list._get_kwargs(
+            offering_uuid=uuid_hex(offering_uuid),
+            state=[OrderState(state) for state in states],
+        )
+        return self._list_all("list_orders", kwargs)
+
+    def approve_order(self, order_uuid: str | uuid_mod.UUID) -> None:
+        """pending-provider → executing. Any other state: `WaldurRejected` with status 409."""
+        kwargs = marketplace_orders_approve_by_provider._get_kwargs(
+            uuid_hex(order_uuid), body=OrderApproveByProviderRequest()
+        )
+        self._send("approve_order", kwargs)
+
+    def set_order_done(self, order_uuid: str | uuid_mod.UUID) -> None:
+        """executing → done. Any other state: `WaldurRejected` with status 409."""
+        kwargs = marketplace_orders_set_state_done._get_kwargs(uuid_hex(order_uuid))
+        self._send("set_order_done", kwargs)
+
+    def set_order_erred(self, order_uuid: str | uuid_mod.UUID, message: str, traceback: str | None = None) -> None:
+        body = OrderErrorDetailsRequest(error_message=message)
+        if traceback is not None:
+            body.error_traceback = traceback
+        kwargs = marketplace_orders_set_state_erred._get_kwargs(uuid_hex(order_uuid), body=body)
+        self._send("set_order_erred", kwargs)
+
+    # -- offerings ------------------------------------------------------------------------------------------------
+
+    def get_offering(self, offering_uuid: str | uuid_mod.UUID) -> dict[str, Any]:
+        """The provider offering; its ``slug`` is the storage system name."""
+        kwargs = marketplace_provider_offerings_retrieve._get_kwargs(uuid_hex(offering_uuid))
+        return self._json_object(self._send("get_offering", kwargs))
+
+    # -- plumbing -------------------------------------------------------------------------------------------------
+
+    def _send(
+        self,
+        operation: str,
+        kwargs: Mapping[str, Any],
+        *,
+        ok: Iterable[int] = (200,),
+    ) -> httpx.Response:
+        """Send one request with the retry policy; return the answer when its status is in ``ok``."""
+        method = str(kwargs["method"]).upper()
+        path = str(kwargs["url"])
+        accepted = frozenset(ok)
+        retrying = build_retrying(self._retry, method=method, path=path, operation=operation, on_retry=self._on_retry)
+        attempts = 0
+
+        def once() -> httpx.Response:
+            nonlocal attempts
+            attempts += 1
+            return self._once(method, path, kwargs, accepted)
+
+        try:
+            response: httpx.Response = retrying(once)
+        except TransientHTTPStatus as exc:
+            detail = f": {exc.detail}" if exc.detail else ""
+            raise WaldurUnavailable(
+                f"Waldur unavailable: {method} {path} answered HTTP {exc.status}{detail} "
+                f"(gave up after {attempts} attempt{'s' if attempts != 1 else ''})",
+                method=method,
+                path=path,
+                status=exc.status,
+            ) from None
+        except httpx.TransportError as exc:
+            raise WaldurUnavailable(
+                f"Waldur unavailable: {method} {path} failed with {describe(exc)} "
+                f"(gave up after {attempts} attempt{'s' if attempts != 1 else ''})",
+                method=method,
+                path=path,
+                status=None,
+            ) from None
+        return response
+
+    def _once(self, method: str, path: str, kwargs: Mapping[str, Any], accepted: frozenset[int]) -> httpx.Response:
+        try:
+            response = self._http.request(**kwargs)
+        except httpx.TransportError:
+            raise
+        except httpx.HTTPError as exc:
+            raise WaldurError(
+                f"Waldur request {method} {path} failed: {type(exc).__name__}", method=method, path=path
+            ) from None
+        status = response.status_code
+        if status in accepted:
+            return response
+        detail = self._detail(response)
+        if is_transient_status(status):
+            raise TransientHTTPStatus(status, detail, parse_retry_after(response.headers.get("Retry-After")))
+        suffix = f": {detail}" if detail else ""
+        if 400 <= status < 500:
+            raise WaldurRejected(
+                f"Waldur rejected {method} {path}: HTTP {status}{suffix}",
+                method=method,
+                path=path,
+                status=status,
+                detail=detail,
+            )
+        raise WaldurError(
+            f"Waldur answered {method} {path} with unexpected HTTP {status}{suffix}",
+            method=method,
+            path=path,
+            status=status,
+        )
+
+    def _detail(self, response: httpx.Response) -> str:
+        """The body's ``detail`` (or the body itself), short and without the token."""
+        text = ""
+        try:
+            body = response.json()
+        except ValueError:
+            text = response.content.decode("utf-8", errors="replace").strip()
+        else:
+            if isinstance(body, dict) and "detail" in body:
+                text = str(body["detail"])
+            elif isinstance(body, (dict, list)):
+                text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+            else:
+                text = str(body)
+        text = " ".join(text.split())
+        if self._token in text:
+            text = text.replace(self._token, "***")
+        if len(text) > DETAIL_LIMIT:
+            text = text[: DETAIL_LIMIT - 1] + "…"
+        return text
+
+    def _json(self, response: httpx.Response) -> Any:
+        request = response.request
+        try:
+            return json.loads(response.content)
+        except ValueError:
+            raise WaldurError(
+                f"Waldur answered {request.method} {request.url.path} with a body that is not JSON",
+                method=request.method,
+                path=request.url.path,
+                status=response.status_code,
+            ) from None
+
+    def _json_object(self, response: httpx.Response) -> dict[str, Any]:
+        body = self._json(response)
+        if not isinstance(body, dict):
+            request = response.request
+            raise WaldurError(
+                f"Waldur answered {request.method} {request.url.path} with a {type(body).__name__}, "
+                "expected a JSON object",
+                method=request.method,
+                path=request.url.path,
+                status=response.status_code,
+            )
+        return body
+
+    def _list_all(self, operation: str, kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Every page of a list endpoint; restarts when the collection changes under the listing."""
+        method = str(kwargs["method"]).upper()
+        path = str(kwargs["url"])
+        reason = ""
+        for attempt in range(LISTING_RESTARTS + 1):
+            try:
+                return self._list_once(operation, kwargs, method, path)
+            except _ListingChanged as exc:
+                reason = str(exc)
+                log.info("waldur.listing_restarted", method=method, path=path, attempt=attempt + 1, reason=reason)
+        raise WaldurPaginationError(
+            f"Waldur listing {method} {path} kept changing while it was read ({reason})",
+            method=method,
+            path=path,
+            status=200,
+        )
+
+    def _list_once(self, operation: str, kwargs: Mapping[str, Any], method: str, path: str) -> list[dict[str, Any]]:
+        base_params = {k: v for k, v in dict(kwargs.get("params") or {}).items() if k != "page"}
+        base_params["page_size"] = self._page_size
+        items: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        expected: int | None = None
+        page = 1
+        pages = 0
+
+        def fail(what: str) -> WaldurPaginationError:
+            return WaldurPaginationError(
+                f"Waldur listing {method} {path} is inconsistent: {what}", method=method, path=path, status=200
+            )
+
+        while True:
+            params = dict(base_params)
+            if page > 1:
+                params["page"] = page
+            page_kwargs = {**kwargs, "params": params}
+            response = self._send(operation, page_kwargs, ok=(200, 404) if page > 1 else (200,))
+            if response.status_code == 404:
+                raise _ListingChanged(f"page {page} vanished")
+            pages += 1
+            count = self._result_count(response, fail)
+            if expected is None:
+                expected = count
+            elif count != expected:
+                raise _ListingChanged(f"X-Result-Count went from {expected} to {count}")
+            body = self._json(response)
+            if not isinstance(body, list):
+                raise fail(f"page {page} is a {type(body).__name__}, expected a JSON array")
+            for item in body:
+                if not isinstance(item, dict):
+                    raise fail(f"page {page} holds a {type(item).__name__}, expected JSON objects")
+                key = item.get("uuid")
+                if isinstance(key, str):
+                    if key in seen:
+                        raise _ListingChanged(f"item {key} seen twice")
+                    seen.add(key)
+                items.append(item)
+            next_page = self._next_page(response, fail)
+            if next_page is None:
+                break
+            if next_page <= page:
+                raise fail(f"Link rel=next points back to page {next_page} from page {page}")
+            if pages > expected // max(len(body), 1) + 2:
+                raise fail(f"more pages than {expected} items can fill")
+            page = next_page
+        if len(items) != expected:
+            raise fail(f"got {len(items)} items but X-Result-Count is {expected}")
+        return items
+
+    @staticmethod
+    def _result_count(response: httpx.Response, fail: Callable[[str], WaldurPaginationError]) -> int:
+        raw = response.headers.get("X-Result-Count")
+        if raw is None:
+            raise fail("no X-Result-Count header")
+        try:
+            count = int(raw.strip())
+        except ValueError:
+            raise fail(f"X-Result-Count is not a number ({raw[:40]!r})") from None
+        if count < 0:
+            raise fail("X-Result-Count is negative")
+        return count
+
+    @staticmethod
+    def _next_page(response: httpx.Response, fail: Callable[[str], WaldurPaginationError]) -> int | None:
+        link = response.links.get("next")
+        if not link:
+            return None
+        url = link.get("url", "")
+        values = parse_qs(urlsplit(url).query).get("page")
+        if not values:
+            raise fail("Link rel=next has no page parameter")
+        try:
+            return int(values[0])
+        except ValueError:
+            raise fail(f"Link rel=next has a bad page parameter ({values[0][:40]!r})") from None
