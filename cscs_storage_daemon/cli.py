@@ -87,14 +87,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from cscs_storage_daemon.replay import run_replay_command
 
     logs.configure(level="info", fmt="auto", stream=sys.stderr)
-    return run_replay_command(args.capture, output_dir=args.output_dir, config_path=args.config)
+    return int(run_replay_command(args.capture, output_dir=args.output_dir, config_path=args.config))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from cscs_storage_daemon.demo import run_demo
 
     logs.configure(level="warning", fmt="auto", stream=sys.stderr)
-    return run_demo(output_dir=args.output_dir, serve=args.serve, listen=args.listen)
+    return int(run_demo(output_dir=args.output_dir, serve=args.serve, listen=args.listen))
 
 
 def _add_sync_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,144 @@
+"""Wiring the shell around the core: registration with Waldur, the broker transports and the HTTP API.
+
+Kept apart from `daemon.py` so the lifecycle reads top to bottom and each transport's construction is in one place.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from cscs_storage_daemon.config import effective_broker
+from cscs_storage_daemon.transports.backoff import Backoff
+
+if TYPE_CHECKING:
+    from cscs_storage_daemon.daemon import Core, Daemon
+
+log = structlog.get_logger("cscs_storage_daemon.wiring")
+
+
+def connect_transports(daemon: Daemon, core: Core, recorder: Any = None) -> list[Any]:
+    """Register every offering's queue(s) with Waldur, build one transport per offering, start them."""
+    from cscs_storage_daemon.registration import register
+    from cscs_storage_daemon.transports.mqtt import MqttTransport
+    from cscs_storage_daemon.transports.stomp import StompSubscription, StompTransport
+
+    config = core.config
+    legacy = config.daemon.event_mode == "legacy"
+    transports: list[Any] = []
+    submit = core.dispatcher.submit
+    if recorder is not None:
+        submit = recorder.wrap_delivery(submit)
+    for offering_config, offering in zip(config.offerings, core.offerings, strict=True):
+        endpoint = effective_broker(config, offering_config)
+        subscriptions = register(offering.gateway, offering_config, config.daemon.event_mode)
+        for sub in subscriptions:
+            core.routes[sub.queue_name] = (offering, legacy)
+            if sub.mqtt_topic:
+                core.routes[sub.mqtt_topic] = (offering, legacy)
+        username = endpoint.username
+        password = endpoint.password.get_secret_value() if endpoint.password else None
+        if endpoint.protocol == "stomp":
+            transport: Any = StompTransport(
+                endpoint.host,
+                endpoint.port,
+                subscriptions=[
+                    StompSubscription(
+                        destination=sub.destination,
+                        login=username or sub.username,
+                        passcode=password or sub.password,
+                        vhost=endpoint.vhost or sub.vhost,
+                    )
+                    for sub in subscriptions
+                ],
+                websocket_path=endpoint.websocket_path,
+                tls=endpoint.tls,
+                verify_tls=endpoint.verify_ssl,
+                prefetch=endpoint.prefetch,
+                heartbeat_ms=endpoint.heartbeat_ms,
+                backoff=Backoff(),
+                name=f"stomp:{offering.slug}",
+            )
+        else:
+            first = subscriptions[0]
+            transport = MqttTransport(
+                endpoint.host,
+                endpoint.port,
+                topics=[sub.mqtt_topic for sub in subscriptions if sub.mqtt_topic],
+                client_id=f"cscs-storage-daemon-{offering.uuid}",
+                username=username or f"{first.vhost}:{first.username}",
+                password=password or first.password,
+                websocket_path=endpoint.websocket_path,
+                tls=endpoint.tls,
+                verify_tls=endpoint.verify_ssl,
+                backoff=Backoff(),
+                name=f"mqtt:{offering.slug}",
+            )
+        _hook(daemon, core, offering, offering_config, transport)
+        transport.start(submit)
+        transports.append(transport)
+        log.info("broker.starting", offering=offering.slug, url=endpoint.url, queues=len(subscriptions))
+    return transports
+
+
+def _hook(daemon: Daemon, core: Core, offering: Any, offering_config: Any, transport: Any) -> None:
+    name = getattr(transport, "name", "broker")
+    state = {"connected_once": False}
+
+    def on_connected(*_args: str) -> None:
+        core.metrics.broker_connected.set(1)
+        if daemon.health is not None:
+            daemon.health.broker_connected(name)
+        log.info("broker.connected", transport=name, offering=offering.slug)
+        if state["connected_once"]:
+            core.metrics.broker_reconnects.labels(name.split(":")[0]).inc()
+            core.reconciler.request(offering, "reconnected")
+        state["connected_once"] = True
+
+    def on_disconnected(*_args: str) -> None:
+        core.metrics.broker_connected.set(0)
+        if daemon.health is not None:
+            daemon.health.broker_disconnected(name)
+        log.warning("broker.disconnected", transport=name, offering=offering.slug)
+
+    def on_queue_missing(destination: str = "", *_args: str) -> None:
+        from cscs_storage_daemon.registration import register
+
+        log.warning("broker.queue_missing", transport=name, destination=destination)
+        try:
+            subscriptions = register(offering.gateway, offering_config, core.config.daemon.event_mode)
+        except Exception as exc:
+            log.error("broker.reregister_failed", error=str(exc)[:300])
+            return
+        update = getattr(transport, "update_subscriptions", None)
+        if update is not None:
+            update(subscriptions)
+        log.info("broker.reregistered", transport=name, queues=len(subscriptions))
+
+    transport.on_connected = on_connected
+    transport.on_disconnected = on_disconnected
+    transport.on_queue_missing = on_queue_missing
+
+
+def start_api(daemon: Daemon, core: Core, *, broker_required: bool = True) -> tuple[Any, Any]:
+    """Start the HTTP API inside the process when `http.enabled`; returns (health, server)."""
+    from cscs_storage_daemon.health import HealthState
+
+    http = core.config.daemon.http
+    health = HealthState(offerings=[o.slug for o in core.offerings], broker_required=broker_required)
+    core.scheduler.on_written = lambda offering, at: health.snapshot_written(offering.slug, at)
+    for offering in core.offerings:
+        last = core.metrics.last_snapshot.labels(offering.slug)._value.get()
+        if last:
+            from datetime import UTC, datetime
+
+            health.snapshot_written(offering.slug, datetime.fromtimestamp(last, UTC))
+    if not http.enabled:
+        return health, None
+    from cscs_storage_daemon.api.server import build_server
+
+    server = build_server(core, health)
+    server.start()
+    log.info("http.listening", listen=http.listen, port=server.port)
+    return health, server
