@@ -15,7 +15,7 @@ from cscs_storage_daemon.cli import main, seed_sync_main
 from cscs_storage_daemon.testing.fake_waldur import FakeWaldur
 from cscs_storage_daemon.testing.sample_data import populate
 
-TOKEN = "sync-test-token-7f3a9c"  # noqa: S105
+TOKEN = "sync-test-token-7f3a9c"
 
 
 def write_config(tmp_path: Path, fake: FakeWaldur, offerings: list[Any], **daemon: Any) -> Path:
