@@ -37,12 +37,17 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {k: _redact_value(v) for k, v in value.items()}
+        return {(redact(k) if isinstance(k, str) else k): _redact_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_redact_value(v) for v in value]
     if isinstance(value, BaseException):
         return redact(f"{type(value).__name__}: {value}")
-    return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    # Anything else (bytes, sets, URLs, models, ...) is rendered through repr(): redact that rendering.
+    shown = repr(value)
+    hidden = redact(shown)
+    return hidden if hidden != shown else value
 
 
 def redact_secrets(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
