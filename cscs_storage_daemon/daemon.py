@@ -174,6 +174,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.transports: list[Any] = []
+        self.subscriptions: dict[str, list[Any]] = {}
         self.api_server: Any = None
         self.health: Any = None
         self.core: Core | None = None

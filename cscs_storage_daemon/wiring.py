@@ -33,6 +33,7 @@ def connect_transports(daemon: Daemon, core: Core, recorder: Any = None) -> list
     for offering_config, offering in zip(config.offerings, core.offerings, strict=True):
         endpoint = effective_broker(config, offering_config)
         subscriptions = register(offering.gateway, offering_config, config.daemon.event_mode)
+        daemon.subscriptions[offering.slug] = subscriptions
         for sub in subscriptions:
             core.routes[sub.queue_name] = (offering, legacy)
             if sub.mqtt_topic:
