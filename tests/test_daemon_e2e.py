@@ -179,7 +179,7 @@ def test_create_update_terminate_orders_flow_end_to_end(live: Live) -> None:
 
 def test_invalid_resource_errs_its_order(live: Live) -> None:
     fake = live.fake
-    resource, order = fake.order_new_resource(live.offering.uuid, slug="bad-perms", permissions="8888")
+    _resource, order = fake.order_new_resource(live.offering.uuid, slug="bad-perms", permissions="8888")
     live.publish(live.order_body(order["uuid"]))
     assert wait_until(lambda: fake.order_state(order["uuid"]) == "erred")
     assert "attributes.permissions" in fake.order(order["uuid"])["error_message"]
@@ -203,7 +203,7 @@ def test_malformed_bodies_are_dead_lettered_and_the_daemon_goes_on(live: Live) -
     assert wait_until(lambda: dead.exists() and len(dead.read_text().splitlines()) == len(bad))
     reasons = [json.loads(line)["reason"] for line in dead.read_text().splitlines()]
     assert set(reasons) >= {"not_json", "not_object", "unknown_object_type"}
-    resource, order = live.fake.order_new_resource(live.offering.uuid, slug="after-garbage")
+    _resource, order = live.fake.order_new_resource(live.offering.uuid, slug="after-garbage")
     live.publish(live.order_body(order["uuid"]))
     assert wait_until(lambda: live.fake.order_state(order["uuid"]) == "done")
     assert live.daemon.healthy()
