@@ -65,6 +65,8 @@ class OfferingMirror:
         self._warn = warn
         self._lock = threading.RLock()
         self._entries: dict[str, MirrorEntry] = {}
+        # Terminated resources already expired: Waldur keeps listing them, and they must not come back.
+        self._expired: set[str] = set()
         self._version = 0
         self._sorted: tuple[MirrorEntry, ...] | None = None
 
@@ -95,9 +97,12 @@ class OfferingMirror:
         with self._lock:
             old = self._entries.get(key)
             state = raw.get("state")
+            if state == "Terminated" and key in self._expired:
+                return Change(uuid=key, changed=False)
+            self._expired.discard(key)  # restored: a later termination counts from scratch
             terminated_since = old.terminated_since if old else None
             if state == "Terminated":
-                terminated_since = terminated_since or self._clock()
+                terminated_since = terminated_since if terminated_since is not None else self._clock()
             else:
                 terminated_since = None
             if error is None:
@@ -118,6 +123,7 @@ class OfferingMirror:
         changes = [self.apply(raw) for raw in raws]
         seen = {change.uuid for change in changes}
         with self._lock:
+            self._expired &= seen  # tombstones only for what Waldur still lists
             gone = [key for key in self._entries if key not in seen]
             for key in gone:
                 del self._entries[key]
@@ -146,6 +152,7 @@ class OfferingMirror:
             ]
             for key in expired:
                 del self._entries[key]
+                self._expired.add(key)
             if expired:
                 self._touch()
         return expired
