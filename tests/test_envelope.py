@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cscs_storage_daemon.envelope import (
     content_key,
@@ -20,6 +24,8 @@ from cscs_storage_daemon.envelope import (
     snapshot_envelope,
     snapshot_file_name,
 )
+from cscs_storage_daemon.mapping import MappingSettings, map_resource
+from cscs_storage_daemon.testing.sample_data import generate_resources
 
 ZURICH = ZoneInfo("Europe/Zurich")
 UUID_HEX = "0a1b2c3d4e5f40718293a4b5c6d7e8f9"
@@ -221,3 +227,132 @@ def test_content_key_sees_every_resource_change() -> None:
     assert content_key(snapshot_envelope([resource("a"), resource("c")], date=date)) != base
     assert content_key(snapshot_envelope([resource("b"), resource("a")], date=date)) != base  # order matters
     assert content_key(snapshot_envelope([resource("a")], date=date)) != base
+
+
+def test_content_key_is_a_small_digest() -> None:
+    """The key of a big feed is kept between regenerations: it must not be the whole content."""
+    date = datetime(2025, 1, 1, tzinfo=UTC)
+    key = content_key(snapshot_envelope([resource(f"r{i}") for i in range(1000)], date=date))
+    assert isinstance(key, bytes) and len(key) <= 64
+
+
+def test_content_key_of_values_orjson_refuses() -> None:
+    date = datetime(2025, 1, 1, tzinfo=UTC)
+    big = content_key(order_envelope({"n": 2**70}, date=date))
+    assert big == content_key(order_envelope({"n": 2**70}, date=date))
+    assert big != content_key(order_envelope({"n": 2**70 + 1}, date=date))
+
+
+# ---------------------------------------------------------------------------------------------------- byte identity
+# render() must give exactly the bytes of the standard library's json.dumps(indent=2, ensure_ascii=False) + "\n",
+# whichever encoder it uses inside.
+
+
+def stdlib_render(document: dict[str, Any]) -> bytes:
+    return (json.dumps(document, ensure_ascii=False, indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def assert_same_as_stdlib(document: dict[str, Any]) -> None:
+    try:
+        expected = stdlib_render(document)
+    except (ValueError, UnicodeEncodeError) as exc:
+        with pytest.raises(type(exc)):
+            render(document)
+        return
+    assert render(document) == expected
+
+
+def storage_object(**changes: Any) -> dict[str, Any]:
+    golden = json.loads(Path("/work/shared/golden/api/resource.json").read_text())
+    obj = map_resource(golden, MappingSettings())
+    obj.update(changes)
+    return obj
+
+
+def quotas(*values: Any) -> list[dict[str, Any]]:
+    return [{"type": "space", "quota": v, "unit": "tera", "enforcementType": "soft"} for v in values]
+
+
+def test_mapped_sample_feed_is_byte_identical() -> None:
+    objects = [map_resource(raw, MappingSettings()) for raw in generate_resources(2000, seed=3)]
+    assert_same_as_stdlib(snapshot_envelope(objects, date=datetime(2025, 3, 14, 9, 26, 53, 123456, tzinfo=ZURICH)))
+    assert_same_as_stdlib(order_envelope(objects[0], date=datetime(2025, 3, 14, tzinfo=UTC)))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1e-05, -6.5e-05, 1e-06, 1.5e-07, 1e-09, 9.99e-05, 1e-4, 1e-10, 5e-324, 0.0, -0.0, 1e16, 1.5e300, 0.1 + 0.2],
+)
+def test_floats_are_written_as_the_standard_library_does(value: float) -> None:
+    """orjson writes 0.00001 and 1e-6 where json.dumps writes 1e-05 and 1e-06: those must not leak out."""
+    date = datetime(2025, 1, 1, tzinfo=UTC)
+    assert_same_as_stdlib(snapshot_envelope([storage_object(quotas=quotas(50.0, value))], date=date))
+    item = {"itemId": "x", "weight": value, "nested": {"list": [value, {"deep": value}]}}
+    assert_same_as_stdlib(
+        snapshot_envelope([storage_object(target={"targetType": "project", "targetItem": item})], date=date)
+    )
+    assert_same_as_stdlib(order_envelope({"anywhere": [value]}, date=date))
+    assert json.dumps(value).encode() in render(order_envelope({"anywhere": [value]}, date=date))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_floats_are_refused_anywhere(bad: float) -> None:
+    date = datetime(2025, 1, 1, tzinfo=UTC)
+    item = {"itemId": "x", "nested": {"w": bad}}
+    for document in (
+        snapshot_envelope([storage_object(quotas=quotas(bad))], date=date),
+        snapshot_envelope([storage_object(target={"targetType": "project", "targetItem": item})], date=date),
+        order_envelope({"anywhere": {"in": [bad]}}, date=date),
+    ):
+        with pytest.raises(ValueError):
+            render(document)
+
+
+def test_values_orjson_refuses_are_still_written() -> None:
+    date = datetime(2025, 1, 1, tzinfo=UTC)
+    assert_same_as_stdlib(order_envelope(storage_object(quotas=quotas(2**70)), date=date))
+    assert_same_as_stdlib(order_envelope({"deep": [[[[[[[[[[]]]]]]]]]], "big": -(2**64)}, date=date))
+
+
+def test_lone_surrogates_are_refused() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        render(order_envelope({"name": "\ud800"}, date=datetime(2025, 1, 1, tzinfo=UTC)))
+
+
+JSON_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.floats(min_value=-1e-3, max_value=1e-3)
+    | st.text()
+)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    quota_values=st.lists(st.floats() | st.floats(min_value=-1e-3, max_value=1e-3) | st.integers(), max_size=4),
+    item=st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4),
+    name=st.text(),
+)
+def test_storage_shaped_documents_are_byte_identical(quota_values: list[Any], item: dict[str, Any], name: str) -> None:
+    obj = storage_object(
+        quotas=quotas(*quota_values) if quota_values else None,
+        target={"targetType": "project", "targetItem": {"name": name, **item}},
+    )
+    obj["mountPoint"] = {"default": f"/capstor/store/{name}"}
+    assert_same_as_stdlib(snapshot_envelope([obj, storage_object()], date=datetime(2025, 1, 1, tzinfo=ZURICH)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON_VALUES)
+def test_any_other_document_is_byte_identical(value: Any) -> None:
+    """Documents not shaped like the mapping's output (tests, ad-hoc tools) take the standard path."""
+    assert_same_as_stdlib(order_envelope({"value": value}, date=datetime(2025, 1, 1, tzinfo=UTC)))
+    assert_same_as_stdlib(snapshot_envelope([{"quotas": value}], date=datetime(2025, 1, 1, tzinfo=UTC)))
+    assert_same_as_stdlib(snapshot_envelope([{"quotas": None, "target": value}], date=datetime(2025, 1, 1, tzinfo=UTC)))

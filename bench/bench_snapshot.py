@@ -1,0 +1,112 @@
+"""Benchmark: N Waldur resources → mapped → all.json rendered → written atomically.
+
+    uv run python bench/bench_snapshot.py [-n 100000] [--out DIR] [--repeat 3]
+
+Building the synthetic Waldur JSON is not part of the timed path (in the daemon it comes from the API and sits in
+the mirror); map + serialise + write is. Goal on the 2-core reference machine: 100 000 resources in < 1.0 s total,
+peak RSS < 400 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from cscs_storage_daemon.envelope import content_key, render, snapshot_envelope, snapshot_file_name
+from cscs_storage_daemon.mapping import InvalidResource, MappingSettings, map_resource
+from cscs_storage_daemon.testing.sample_data import generate_resources
+from cscs_storage_daemon.writer import OutputWriter
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_once(raws: list[dict[str, Any]], writer: OutputWriter, zone: ZoneInfo) -> dict[str, float | int]:
+    settings = MappingSettings()
+    t0 = time.perf_counter()
+    objects: list[dict[str, Any]] = []
+    invalid = 0
+    for raw in raws:
+        try:
+            objects.append(map_resource(raw, settings))
+        except InvalidResource:
+            invalid += 1
+    t1 = time.perf_counter()
+    local = datetime.now(UTC).astimezone(zone)
+    document = snapshot_envelope(objects, date=local)
+    data = render(document)
+    t2 = time.perf_counter()
+    writer.write(snapshot_file_name(local), data)
+    t3 = time.perf_counter()
+    content_key(document)  # what the scheduler computes on every regeneration, changed or not
+    t4 = time.perf_counter()
+    return {
+        "map": t1 - t0,
+        "serialise": t2 - t1,
+        "write": t3 - t2,
+        "total": t3 - t0,
+        "content_key": t4 - t3,
+        "bytes": len(data),
+        "valid": len(objects),
+        "invalid": invalid,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=100_000, help="resources (default 100 000)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: a temporary one)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs; the best is reported (default 3)")
+    parser.add_argument("--zone", default="Europe/Zurich", help="time zone of the file name and meta.date")
+    args = parser.parse_args(argv)
+
+    out_dir: Path = args.out or Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
+    writer = OutputWriter(out_dir)
+    zone = ZoneInfo(args.zone)
+
+    t = time.perf_counter()
+    raws = generate_resources(args.n, seed=1)
+    build = time.perf_counter() - t
+    rss_after_build = peak_rss_mb()
+
+    runs = []
+    for _ in range(max(1, args.repeat)):
+        gc.collect()
+        runs.append(run_once(raws, writer, zone))
+    best = min(runs, key=lambda r: r["total"])
+    n = args.n
+
+    print(f"python           {sys.version.split()[0]} on {os.cpu_count()} CPUs")
+    print(f"resources        {n} ({best['valid']} valid, {best['invalid']} invalid)")
+    print(f"build input      {build:.3f} s (not timed below)")
+    print(f"map              {best['map']:.3f} s")
+    print(f"serialise        {best['serialise']:.3f} s")
+    print(f"write            {best['write']:.3f} s")
+    print(
+        f"total            {best['total']:.3f} s  (best of {len(runs)}; all: "
+        + ", ".join(f"{r['total']:.3f}" for r in runs)
+        + ")"
+    )
+    print(f"content key      {best['content_key']:.3f} s  (snapshot scheduler's change check, not in total)")
+    print(f"throughput       {n / best['total']:,.0f} resources/s")
+    print(f"file size        {best['bytes'] / 1e6:.1f} MB  ({best['bytes'] / max(1, best['valid']):.0f} B/resource)")
+    print(f"peak RSS         {peak_rss_mb():.0f} MB  (after building the input: {rss_after_build:.0f} MB)")
+    print(f"output           {out_dir}")
+    ok = best["total"] < 1.0 and peak_rss_mb() < 400
+    print("goal (< 1.0 s, < 400 MB)", "met" if ok else "NOT met")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
