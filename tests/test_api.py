@@ -886,3 +886,23 @@ def test_api_server_installs_no_signal_handlers(three: Any) -> None:
     during = {sig: signal.getsignal(sig) for sig in before}
     server.stop()
     assert during == before
+
+
+def test_filter_keys_lent_by_the_previous_view_stay_correct() -> None:
+    mirror = fill_mirror("capstor", 60)
+    views = MirrorViews(mirror)
+    first = views.current()
+    assert list(first.index.select(Filters(state="OK")))  # keys computed: the next view borrows them
+    changed = next(e for e in mirror.entries() if e.raw["state"] == "OK")
+    mirror.apply({**changed.raw, "state": "Erred"})
+    second = views.current()
+    for filters in (Filters(state="OK"), Filters(state="Erred"), Filters(status="error"), Filters(data_type="store")):
+        expected = [
+            i
+            for i, e in enumerate(second.visible)
+            if filters.state in (None, e.raw["state"])
+            and filters.status in (None, e.storage["status"])  # type: ignore[index]
+            and filters.data_type in (None, e.storage["storageDataType"]["key"])  # type: ignore[index]
+        ]
+        assert list(second.index.select(filters)) == expected
+    assert changed.uuid in [second.visible[i].uuid for i in second.index.select(Filters(state="Erred"))]

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
+import orjson
+
 from cscs_storage_daemon.envelope import paginate
 from cscs_storage_daemon.mapping import effective_data_type, status_of
 from cscs_storage_daemon.mirror import MirrorEntry, OfferingMirror
@@ -67,8 +69,13 @@ _OBJECT_FIELDS = frozenset({"limits", "attributes", "backend_metadata"})
 
 
 def compact_json(value: Any) -> bytes:
-    """JSON exactly as Starlette's `JSONResponse` renders it (compact, UTF-8, no NaN)."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
+    """Compact UTF-8 JSON, as Starlette's `JSONResponse` renders it: orjson (several times faster), or the
+    standard library for what orjson refuses (integers past 64 bits, non-string keys). Both write the same bytes
+    for the storage objects `map_resource` makes; the standard path refuses NaN, orjson writes ``null``."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +98,20 @@ class FilterIndex(Generic[T]):
     on its first use (thread-safe); an unfiltered `select` costs nothing.
     """
 
-    __slots__ = ("_by_mask", "_items", "_key", "_keys", "_lock", "_positions")
+    __slots__ = ("_by_mask", "_items", "_key", "_keys", "_lock", "_positions", "_seed")
 
-    def __init__(self, items: Sequence[T], key: Callable[[T], FilterKey]) -> None:
+    def __init__(
+        self,
+        items: Sequence[T],
+        key: Callable[[T], FilterKey],
+        *,
+        seed: tuple[Sequence[T], Sequence[FilterKey]] | None = None,
+    ) -> None:
         self._items = items
         self._key = key
         self._keys: list[FilterKey] | None = None
+        # (items, keys) of an earlier index: the key of an item found there (same object) is reused
+        self._seed = seed
         self._positions: list[int] | None = None
         self._by_mask: dict[tuple[int, ...], dict[Any, list[int]]] = {}
         self._lock = threading.Lock()
@@ -115,13 +130,39 @@ class FilterIndex(Generic[T]):
         lookup: Any = wanted[fields[0]] if len(fields) == 1 else tuple(wanted[i] for i in fields)
         return groups.get(lookup, ())
 
+    @property
+    def keys(self) -> Sequence[FilterKey] | None:
+        """The keys, once computed (None before the first filtered `select`)."""
+        return self._keys
+
+    @property
+    def seed(self) -> tuple[Sequence[T], Sequence[FilterKey]] | None:
+        """What this index can lend a later one: its own (items, keys), else the seed it has not used yet."""
+        if self._keys is not None:
+            return (self._items, self._keys)
+        return self._seed
+
+    def _compute_keys(self) -> list[FilterKey]:
+        key, seed, self._seed = self._key, self._seed, None
+        if seed is None:
+            return [key(item) for item in self._items]
+        old_items, old_keys = seed
+        where = {id(item): n for n, item in enumerate(old_items)}
+        keys: list[FilterKey] = []
+        append = keys.append
+        for item in self._items:
+            n = where.get(id(item))
+            # `old_items` is alive here, so an id found there is that object's only if it is the same object
+            append(old_keys[n] if n is not None and old_items[n] is item else key(item))
+        return keys
+
     def _build(self, fields: tuple[int, ...]) -> dict[Any, list[int]]:
         with self._lock:
             groups = self._by_mask.get(fields)
             if groups is not None:
                 return groups
             if self._keys is None or self._positions is None:
-                self._keys = [self._key(item) for item in self._items]
+                self._keys = self._compute_keys()
                 # One int object per position, shared by every mask's lists.
                 self._positions = list(range(len(self._items)))
             getter = itemgetter(*fields)  # a scalar for one field, a tuple for several
@@ -165,14 +206,22 @@ def _select_page(index: FilterIndex[MirrorEntry], filters: Filters, page: int, p
 def _served_key(entry: MirrorEntry) -> FilterKey:
     """Normal mode: what the served storage object says (data type, status) and the Waldur state."""
     storage = entry.storage or {}
-    data_type_item = storage.get("storageDataType")
-    data_type = data_type_item.get("key") if isinstance(data_type_item, Mapping) else None
+    state = entry.raw.get("state")
+    try:
+        data_type = storage["storageDataType"]["key"]
+        status = storage["status"]
+        if type(data_type) is str and type(status) is str and type(state) is str:
+            return (data_type, status, state)
+    except (KeyError, TypeError):
+        pass
+    # Not the shape `map_resource` makes: fall back on the raw resource.
+    item = storage.get("storageDataType")
+    data_type = item.get("key") if isinstance(item, Mapping) else None
     if not isinstance(data_type, str):
         data_type = effective_data_type(entry.raw)
     status = storage.get("status")
     if not isinstance(status, str):
         status = status_of(entry.raw)
-    state = entry.raw.get("state")
     return (data_type, status, state if isinstance(state, str) else "")
 
 
@@ -218,8 +267,12 @@ class MirrorView:
         self._previous: MirrorView | None = None
         self._carried: dict[int, tuple[MirrorEntry, bytes]] | None = None
         self.visible: tuple[MirrorEntry, ...] = tuple(e for e in entries if e.storage is not None)
-        self.index: FilterIndex[MirrorEntry] = FilterIndex(self.visible, _served_key)
-        self.raw_index: FilterIndex[MirrorEntry] = FilterIndex(self.entries, _raw_key)
+        self.index: FilterIndex[MirrorEntry] = FilterIndex(
+            self.visible, _served_key, seed=previous.index.seed if previous is not None else None
+        )
+        self.raw_index: FilterIndex[MirrorEntry] = FilterIndex(
+            self.entries, _raw_key, seed=previous.raw_index.seed if previous is not None else None
+        )
         self._render = render
         self._lock = threading.Lock()
         self._rendered: list[bytes | None] = [None] * len(self.visible)
