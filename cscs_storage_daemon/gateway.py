@@ -20,11 +20,16 @@ from __future__ import annotations
 import json
 import uuid as uuid_mod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import structlog
+from waldur_api_client.api.event_subscriptions import (
+    event_subscriptions_create_queue,
+    event_subscriptions_destroy,
+)
 from waldur_api_client.api.marketplace_orders import (
     marketplace_orders_approve_by_provider,
     marketplace_orders_list,
@@ -38,7 +43,25 @@ from waldur_api_client.api.marketplace_provider_resources import (
     marketplace_provider_resources_retrieve,
     marketplace_provider_resources_set_backend_id,
 )
+from waldur_api_client.api.marketplace_site_agent_identities import (
+    marketplace_site_agent_identities_create,
+    marketplace_site_agent_identities_list,
+    marketplace_site_agent_identities_register_event_subscription,
+    marketplace_site_agent_identities_register_queue,
+    marketplace_site_agent_identities_update,
+)
+from waldur_api_client.api.users import users_me_retrieve
 from waldur_api_client.client import AuthenticatedClient
+from waldur_api_client.models.agent_dependency_request import AgentDependencyRequest
+from waldur_api_client.models.agent_event_subscription_create_request import AgentEventSubscriptionCreateRequest
+from waldur_api_client.models.agent_identity import AgentIdentity
+from waldur_api_client.models.agent_identity_request import AgentIdentityRequest
+from waldur_api_client.models.agent_queue_registration_request import AgentQueueRegistrationRequest
+from waldur_api_client.models.agent_queue_registration_response import AgentQueueRegistrationResponse
+from waldur_api_client.models.event_subscription import EventSubscription
+from waldur_api_client.models.event_subscription_queue import EventSubscriptionQueue
+from waldur_api_client.models.event_subscription_queue_create_request import EventSubscriptionQueueCreateRequest
+from waldur_api_client.models.observable_object_type_enum import ObservableObjectTypeEnum
 from waldur_api_client.models.order_approve_by_provider_request import OrderApproveByProviderRequest
 from waldur_api_client.models.order_error_details_request import OrderErrorDetailsRequest
 from waldur_api_client.models.order_state import OrderState
@@ -103,6 +126,15 @@ def api_root(api_url: str) -> str:
         raise ValueError("Waldur API URL must not carry a query or a fragment")
     url = url.rstrip("/")
     return url.removesuffix("/api")
+
+
+def _client_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("waldur-api-client")
+    except Exception:
+        return "unknown"
 
 
 def uuid_hex(value: str | uuid_mod.UUID) -> str:
@@ -227,7 +259,120 @@ class WaldurGateway:
         kwargs = marketplace_provider_offerings_retrieve._get_kwargs(uuid_hex(offering_uuid))
         return self._json_object(self._send("get_offering", kwargs))
 
+    # -- registration (agent identity, event subscriptions, queues) ---------------------------------------------
+
+    @property
+    def token(self) -> str:
+        """The API token; also the broker password Waldur gives the agent's RabbitMQ user. Never log it."""
+        return self._token
+
+    def get_current_user(self) -> dict[str, Any]:
+        """``GET /api/users/me/``: the token's owner (its ``uuid`` hex is the legacy vhost)."""
+        kwargs = users_me_retrieve._get_kwargs()
+        return self._json_object(self._send("get_current_user", kwargs))
+
+    def find_agent_identity(self, offering_uuid: str | uuid_mod.UUID, name: str) -> dict[str, Any] | None:
+        """The agent identity called ``name`` for the offering, or None."""
+        offering = uuid_hex(offering_uuid)
+        kwargs = marketplace_site_agent_identities_list._get_kwargs(name=name)
+        for identity in self._list_all("find_agent_identity", kwargs):
+            if identity.get("name") != name:
+                continue
+            try:
+                if uuid_hex(str(identity.get("offering", ""))) != offering:
+                    continue
+            except ValueError:
+                continue
+            return identity
+        return None
+
+    def ensure_agent_identity(
+        self,
+        offering_uuid: str | uuid_mod.UUID,
+        *,
+        name: str | None = None,
+        version: str = __version__,
+        dependencies: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Find the agent identity ``agent-<offering hex>`` and update it, or create it (as the site agent does)."""
+        offering = uuid_hex(offering_uuid)
+        name = name or f"agent-{offering}"
+        deps = dependencies if dependencies is not None else {"waldur-api-client": _client_version()}
+        body = AgentIdentityRequest(
+            offering=offering,
+            name=name,
+            version=version,
+            dependencies=[AgentDependencyRequest(package=p, version=v) for p, v in deps.items()],
+            config_file_path="",
+            config_file_content="",
+            last_restarted=datetime.now(UTC),
+        )
+        existing = self.find_agent_identity(offering, name)
+        if existing is not None:
+            kwargs = marketplace_site_agent_identities_update._get_kwargs(uuid_hex(str(existing["uuid"])), body=body)
+            response = self._send("update_agent_identity", kwargs)
+        else:
+            kwargs = marketplace_site_agent_identities_create._get_kwargs(body=body)
+            response = self._send("create_agent_identity", kwargs, ok=(201,))
+        return self._validated(response, AgentIdentity)
+
+    def register_queue(self, identity_uuid: str | uuid_mod.UUID, object_types: Sequence[str] | None) -> dict[str, Any]:
+        """Unified registration: ``{rmq_username, queue_name, vhost, observable_object_types}``.
+
+        ``object_types=None`` keeps the server's current filter; ``[]`` means every type.
+        """
+        body = AgentQueueRegistrationRequest()
+        if object_types is not None:
+            if isinstance(object_types, str):
+                raise TypeError("object_types must be a sequence of type names, not a string")
+            body.object_types = [ObservableObjectTypeEnum(t) for t in object_types]
+        kwargs = marketplace_site_agent_identities_register_queue._get_kwargs(uuid_hex(identity_uuid), body=body)
+        return self._validated(self._send("register_queue", kwargs, ok=(200, 201)), AgentQueueRegistrationResponse)
+
+    def register_event_subscription(
+        self, identity_uuid: str | uuid_mod.UUID, object_type: str, description: str | None = None
+    ) -> dict[str, Any]:
+        """Legacy registration, step 1: the `EventSubscription` of this user for ``object_type``."""
+        body = AgentEventSubscriptionCreateRequest(observable_object_type=ObservableObjectTypeEnum(object_type))
+        if description is not None:
+            body.description = description
+        kwargs = marketplace_site_agent_identities_register_event_subscription._get_kwargs(
+            uuid_hex(identity_uuid), body=body
+        )
+        return self._validated(self._send("register_event_subscription", kwargs, ok=(200, 201)), EventSubscription)
+
+    def create_queue(
+        self, subscription_uuid: str | uuid_mod.UUID, offering_uuid: str | uuid_mod.UUID, object_type: str
+    ) -> dict[str, Any]:
+        """Legacy registration, step 2: the queue of (subscription, offering, object type)."""
+        body = EventSubscriptionQueueCreateRequest(
+            offering_uuid=uuid_hex(offering_uuid), object_type=ObservableObjectTypeEnum(object_type)
+        )
+        kwargs = event_subscriptions_create_queue._get_kwargs(uuid_hex(subscription_uuid), body=body)
+        return self._validated(self._send("create_queue", kwargs, ok=(200, 201)), EventSubscriptionQueue)
+
+    def delete_event_subscription(self, subscription_uuid: str | uuid_mod.UUID) -> None:
+        """Delete a legacy subscription (Waldur then deletes its RabbitMQ user and queues)."""
+        kwargs = event_subscriptions_destroy._get_kwargs(uuid_hex(subscription_uuid))
+        self._send("delete_event_subscription", kwargs, ok=(204,))
+
     # -- plumbing -------------------------------------------------------------------------------------------------
+
+    def _validated(self, response: httpx.Response, model: Any) -> dict[str, Any]:
+        """The JSON object, after checking that the client's model accepts it (required keys, types)."""
+        body = self._json_object(response)
+        try:
+            model.from_dict(body)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            request = response.request
+            raise WaldurError(
+                f"Waldur answered {request.method} {request.url.path} with a body {model.__name__} cannot read "
+                f"({type(exc).__name__}: {str(exc)[:100]})",
+                method=request.method,
+                path=request.url.path,
+                status=response.status_code,
+            ) from None
+        return body
 
     def _send(
         self,

@@ -32,7 +32,9 @@ from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+import httpx
 
 from cscs_storage_daemon.testing.sample_data import (
     ORDER_STATES,
@@ -43,6 +45,39 @@ from cscs_storage_daemon.testing.sample_data import (
     make_order,
     make_resource,
     now_iso,
+)
+
+#: Mastermind's queue arguments (reference waldur-events §1.2); classic queue, no x-expires.
+QUEUE_ARGUMENTS: dict[str, Any] = {
+    "x-message-ttl": 3600000,
+    "x-max-length": 10000,
+    "x-overflow": "reject-publish-dlx",
+    "x-dead-letter-exchange": "",
+    "x-dead-letter-routing-key": "waldur.dlq.messages",
+}
+
+#: Waldur's ObservableObjectType values (as in waldur-api-client 8.1.3's ObservableObjectTypeEnum).
+OBSERVABLE_OBJECT_TYPES = frozenset(
+    {
+        "call",
+        "course_account",
+        "importable_resources",
+        "offering_resources_sync",
+        "offering_user",
+        "order",
+        "proposal",
+        "resource",
+        "resource_api_key_rotation",
+        "resource_end_date_change_request",
+        "resource_periodic_limits",
+        "service_account",
+        "service_provider_account",
+        "service_provider_project_group",
+        "user_lifecycle",
+        "user_profile",
+        "user_role",
+        "user_ssh_key",
+    }
 )
 
 DEFAULT_PAGE_SIZE = 10  # Waldur's LinkHeaderPagination default
@@ -339,6 +374,11 @@ class FakeWaldur:
         max_page_size: int = MAX_PAGE_SIZE,
         user_uuid: str | None = None,
         username: str = "cscs-storage-agent",
+        provision_rabbitmq: bool = False,
+        rabbitmq_api: str = "http://127.0.0.1:15672",
+        rabbitmq_user: str = "guest",
+        rabbitmq_password: str = "guest",  # noqa: S107 - the local test broker's default account
+        cleanup_rabbitmq: bool = True,
     ) -> None:
         rng = random.Random(f"fake-waldur:{seed}")
         self.token = token or f"{rng.getrandbits(160):040x}"
@@ -346,7 +386,9 @@ class FakeWaldur:
         self.seed = seed
         self.default_page_size = default_page_size
         self.max_page_size = max_page_size
-        self.user_uuid = _require_hex(user_uuid) if user_uuid else f"{rng.getrandbits(128):032x}"
+        # Broker-visible names (vhost = user uuid, RabbitMQ users) are random, not seeded: two fakes running at
+        # the same time against one broker must not share them.
+        self.user_uuid = _require_hex(user_uuid) if user_uuid else uuid_mod.uuid4().hex
         self.username = username
         # Listing quirks, to show what a broken server does to a client.
         self.omit_link = False
@@ -368,6 +410,16 @@ class FakeWaldur:
         self._listing_cache: dict[tuple[Any, ...], list[str]] = {}
         self._version = 0
         self._uuid_rng = random.Random(f"fake-waldur-uuids:{seed}")
+
+        self._identities: dict[str, dict[str, Any]] = {}
+        self._subscriptions: dict[str, dict[str, Any]] = {}
+        self._subscription_queues: dict[str, dict[str, Any]] = {}
+        self._consumers: dict[str, dict[str, Any]] = {}  # identity uuid -> unified queue registration
+        self._services: dict[str, dict[str, Any]] = {}
+        self.rabbit: RabbitProvisioner | None = (
+            RabbitProvisioner(rabbitmq_api, rabbitmq_user, rabbitmq_password) if provision_rabbitmq else None
+        )
+        self.cleanup_rabbitmq = cleanup_rabbitmq
 
         self._stopping = threading.Event()
         self._server = _Server((host, port), self)
@@ -404,6 +456,10 @@ class FakeWaldur:
             self._thread = None
         self._server.close_all_connections()
         self._server.server_close()
+        if self.rabbit is not None:
+            if self.cleanup_rabbitmq:
+                self.rabbit.cleanup()
+            self.rabbit.close()
 
     def __enter__(self) -> FakeWaldur:
         return self.start()
@@ -877,7 +933,21 @@ class FakeWaldur:
         return [(_compile_path(path), handlers) for path, handlers in routes]
 
     def _extra_routes(self) -> list[tuple[str, dict[str, Handler]]]:
-        return []
+        identity = f"/api/marketplace-site-agent-identities/{_UUID_SEGMENT}/"
+        subscription = f"/api/event-subscriptions/{_UUID_SEGMENT}/"
+        return [
+            (
+                "/api/marketplace-site-agent-identities/",
+                {"GET": self._list_identities, "POST": self._create_identity},
+            ),
+            (identity, {"GET": self._get_identity, "PUT": self._update_identity}),
+            (identity + "register_event_subscription/", {"POST": self._register_event_subscription}),
+            (identity + "register_queue/", {"POST": self._register_queue}),
+            (identity + "register_service/", {"POST": self._register_service}),
+            ("/api/event-subscriptions/", {"GET": self._list_subscriptions, "POST": self._create_subscription}),
+            (subscription, {"GET": self._get_subscription, "DELETE": self._delete_subscription}),
+            (subscription + "create_queue/", {"POST": self._create_queue}),
+        ]
 
     # -- request helpers ------------------------------------------------------------------------------------------
 
@@ -1209,6 +1279,456 @@ class FakeWaldur:
             },
         )
 
+    # -- registration: state helpers ------------------------------------------------------------------------------
+
+    def identities(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(list(self._identities.values()))
+
+    def subscriptions(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(list(self._subscriptions.values()))
+
+    def subscription_queues(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(list(self._subscription_queues.values()))
+
+    def consumers(self) -> list[dict[str, Any]]:
+        """Unified queue registrations: ``{uuid, identity_uuid, offering_uuid, rmq_username, queue_name, vhost,
+        observable_object_types}``."""
+        with self._lock:
+            return copy.deepcopy(list(self._consumers.values()))
+
+    def message_targets(self, offering_uuid: str, object_type: str) -> list[MessageTarget]:
+        """Where Mastermind would publish an ``object_type`` event of the offering (as ``prepare_messages`` does):
+        the unified queues of identities of the offering that take the type; for a user without a unified queue,
+        the legacy queues of (subscription, offering, type)."""
+        offering = _require_hex(offering_uuid)
+        targets: list[MessageTarget] = []
+        with self._lock:
+            unified_users: set[str] = set()
+            for consumer in self._consumers.values():
+                unified_users.add(consumer["vhost"])
+                types = consumer["observable_object_types"]
+                if consumer["offering_uuid"] == offering and (not types or object_type in types):
+                    name = consumer["queue_name"]
+                    targets.append(MessageTarget(vhost=consumer["vhost"], queue_name=name, topic=name))
+            for row in self._subscription_queues.values():
+                if row["offering_uuid"] != offering or row["object_type"] != object_type:
+                    continue
+                if row["vhost"] in unified_users:
+                    continue
+                sub = row["event_subscription_uuid"]
+                targets.append(
+                    MessageTarget(
+                        vhost=row["vhost"],
+                        queue_name=row["queue_name"],
+                        topic=f"subscription/{sub}/offering/{offering}/{object_type}",
+                    )
+                )
+        return targets
+
+    def _user_url(self) -> str:
+        return f"{self.root}/api/users/{self.user_uuid}/"
+
+    def _object_type(self, body: Mapping[str, Any], key: str) -> str:
+        if key not in body:
+            raise HttpError(400, {key: ["This field is required."]})
+        value = body[key]
+        if not isinstance(value, str) or value not in OBSERVABLE_OBJECT_TYPES:
+            raise HttpError(400, {key: [f'"{value}" is not a valid choice.']})
+        return value
+
+    def _provision_user_vhost(self, rmq_username: str) -> None:
+        if self.rabbit is None:
+            return
+        self.rabbit.ensure_vhost(self.user_uuid)
+        self.rabbit.ensure_user(rmq_username, self.token)
+        self.rabbit.grant(self.user_uuid, rmq_username)
+        self.rabbit.grant(self.user_uuid, self.rabbit.admin_user)
+
+    # -- endpoints: agent identities ------------------------------------------------------------------------------
+
+    def _identity_fields(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        errors: dict[str, list[str]] = {}
+        offering = body.get("offering")
+        offering_hex = _hex(offering) if isinstance(offering, str) else None
+        if offering is None:
+            errors["offering"] = ["This field is required."]
+        elif offering_hex is None or offering_hex not in self._offerings:
+            errors["offering"] = [f"Object with uuid={offering} does not exist."]
+        name = body.get("name")
+        if name is None:
+            errors["name"] = ["This field is required."]
+        elif not isinstance(name, str) or not name:
+            errors["name"] = ["This field may not be blank."]
+        dependencies = body.get("dependencies", [])
+        if not isinstance(dependencies, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("package"), str) and isinstance(d.get("version"), str)
+            for d in dependencies
+        ):
+            errors["dependencies"] = ["Invalid dependencies."]
+        last_restarted = body.get("last_restarted")
+        if last_restarted is not None:
+            try:
+                datetime.fromisoformat(str(last_restarted).replace("Z", "+00:00"))
+            except ValueError:
+                errors["last_restarted"] = ["Datetime has wrong format."]
+        if errors:
+            raise HttpError(400, errors)
+        return {
+            "offering": offering_hex,
+            "name": name,
+            "version": body.get("version"),
+            "dependencies": dependencies,
+            "last_restarted": last_restarted,
+            "config_file_path": body.get("config_file_path") or "",
+            "config_file_content": body.get("config_file_content") or "",
+        }
+
+    def _list_identities(self, request: _Request, params: dict[str, str]) -> _Reply:
+        offerings = self._uuid_filter(request, "offering_uuid")
+        name = request.last("name")
+        with self._lock:
+            items = [
+                identity
+                for identity in self._identities.values()
+                if (not name or identity["name"] == name) and (not offerings or identity["offering"] in offerings)
+            ]
+            reply = self._page(request, items)
+            reply.body = _encode(reply.body)
+            return reply
+
+    def _create_identity(self, request: _Request, params: dict[str, str]) -> _Reply:
+        body = self._object_body(request)
+        with self._lock:
+            values = self._identity_fields(body)
+            for identity in self._identities.values():
+                if identity["offering"] == values["offering"] and identity["name"] == values["name"]:
+                    raise HttpError(400, {"non_field_errors": ["The fields offering, name must make a unique set."]})
+            key = self.new_uuid()
+            now = now_iso()
+            identity = {
+                "uuid": key,
+                "url": f"{self.root}/api/marketplace-site-agent-identities/{key}/",
+                **values,
+                "created_by": self.user_uuid,
+                "created": now,
+                "modified": now,
+                "services": [],
+                "compatibility": {"status": "compatible", "message": "Agent version is compatible"},
+            }
+            if identity["last_restarted"] is None:
+                del identity["last_restarted"]
+            self._identities[key] = identity
+            return _Reply(201, _encode(identity))
+
+    def _get_identity(self, request: _Request, params: dict[str, str]) -> _Reply:
+        with self._lock:
+            return _Reply(200, _encode(self._lookup(self._identities, params)))
+
+    def _update_identity(self, request: _Request, params: dict[str, str]) -> _Reply:
+        body = self._object_body(request)
+        with self._lock:
+            identity = self._lookup(self._identities, params)
+            values = self._identity_fields(body)
+            identity.update({k: v for k, v in values.items() if v is not None})
+            identity["modified"] = now_iso()
+            return _Reply(200, _encode(identity))
+
+    def _register_service(self, request: _Request, params: dict[str, str]) -> _Reply:
+        body = self._object_body(request)
+        with self._lock:
+            identity = self._lookup(self._identities, params)
+            name = body.get("name")
+            if not isinstance(name, str) or not name:
+                raise HttpError(400, {"name": ["This field is required."]})
+            now = now_iso()
+            for service in self._services.values():
+                if service["identity"] == identity["uuid"] and service["name"] == name:
+                    service["modified"] = now
+                    service["state"] = "Active"
+                    return _Reply(200, _encode(service))
+            key = self.new_uuid()
+            service = {
+                "uuid": key,
+                "url": f"{self.root}/api/marketplace-site-agent-services/{key}/",
+                "identity": identity["uuid"],
+                "identity_name": identity["name"],
+                "name": name,
+                "mode": body.get("mode") or "",
+                "state": "Active",
+                "statistics": {},
+                "created": now,
+                "modified": now,
+                "processors": [],
+            }
+            self._services[key] = service
+            identity["services"].append(
+                {k: service[k] for k in ("uuid", "url", "name", "mode", "state", "statistics", "created", "modified")}
+            )
+            return _Reply(201, _encode(service))
+
+    def _register_queue(self, request: _Request, params: dict[str, str]) -> _Reply:
+        body = self._object_body(request)
+        with self._lock:
+            identity = self._lookup(self._identities, params)
+            types: list[str] | None = None
+            if "object_types" in body:
+                raw_types = body["object_types"]
+                if not isinstance(raw_types, list):
+                    raise HttpError(400, {"object_types": ['Expected a list of items but got type "str".']})
+                for value in raw_types:
+                    if not isinstance(value, str) or value not in OBSERVABLE_OBJECT_TYPES:
+                        raise HttpError(400, {"object_types": {"0": [f'"{value}" is not a valid choice.']}})
+                types = list(dict.fromkeys(raw_types))
+            consumer = self._consumers.get(identity["uuid"])
+            status = 200
+            if consumer is None:
+                status = 201
+                key = uuid_mod.uuid4().hex
+                consumer = {
+                    "uuid": key,
+                    "identity_uuid": identity["uuid"],
+                    "offering_uuid": identity["offering"],
+                    "rmq_username": uuid_mod.uuid4().hex,
+                    "queue_name": f"consumer_{key}",
+                    "vhost": self.user_uuid,
+                    "observable_object_types": types if types is not None else [],
+                }
+                self._consumers[identity["uuid"]] = consumer
+            elif types is not None:
+                consumer["observable_object_types"] = types
+            # The password is (re)set to the caller's token on every registration.
+            self._provision_user_vhost(consumer["rmq_username"])
+            if self.rabbit is not None:
+                self.rabbit.ensure_queue(consumer["vhost"], consumer["queue_name"])
+            answer = {k: consumer[k] for k in ("rmq_username", "queue_name", "vhost", "observable_object_types")}
+            return _Reply(status, answer)
+
+    # -- endpoints: event subscriptions ---------------------------------------------------------------------------
+
+    def _new_subscription(self, description: str, observable_objects: list[dict[str, Any]]) -> dict[str, Any]:
+        key = uuid_mod.uuid4().hex
+        now = now_iso()
+        subscription = {
+            "uuid": key,
+            "url": f"{self.root}/api/event-subscriptions/{key}/",
+            "description": description,
+            "user": self._user_url(),
+            "user_uuid": self.user_uuid,
+            "user_username": self.username,
+            "user_full_name": "Storage Agent",
+            "created": now,
+            "modified": now,
+            "observable_objects": observable_objects,
+            "source_ip": "127.0.0.1",
+        }
+        self._provision_user_vhost(key)
+        self._subscriptions[key] = subscription
+        return subscription
+
+    def _drop_subscription(self, key: str) -> None:
+        self._subscriptions.pop(key, None)
+        for row_key, row in list(self._subscription_queues.items()):
+            if row["event_subscription_uuid"] == key:
+                del self._subscription_queues[row_key]
+                if self.rabbit is not None:
+                    self.rabbit.delete_queue(row["vhost"], row["queue_name"])
+        if self.rabbit is not None:
+            self.rabbit.delete_user(key)
+
+    def _register_event_subscription(self, request: _Request, params: dict[str, str]) -> _Reply:
+        body = self._object_body(request)
+        with self._lock:
+            identity = self._lookup(self._identities, params)
+            object_type = self._object_type(body, "observable_object_type")
+            wanted = [{"object_type": object_type}]
+            for key, subscription in list(self._subscriptions.items()):
+                if subscription["observable_objects"] == wanted:
+                    if self.rabbit is None or self.rabbit.user_exists(key):
+                        return _Reply(200, _encode(subscription))
+                    # Its RabbitMQ user is gone: Waldur deletes the subscription and makes a new one.
+                    self._drop_subscription(key)
+                    break
+            description = body.get("description")
+            if not isinstance(description, str):
+                description = f"Event subscription for {identity['name']}, observable object type: {object_type}"
+            subscription = self._new_subscription(description, wanted)
+            return _Reply(201, _encode(subscription))
+
+    def _create_subscription(self, request: _Request, params: dict[str, str]) -> _Reply:
+        body = self._object_body(request)
+        with self._lock:
+            objects = body.get("observable_objects", [])
+            if not isinstance(objects, list) or not all(isinstance(o, dict) for o in objects):
+                raise HttpError(400, {"observable_objects": ["Invalid observable objects."]})
+            cleaned: list[dict[str, Any]] = []
+            for item in objects:
+                entry: dict[str, Any] = {"object_type": self._object_type(item, "object_type")}
+                if item.get("offering_uuid"):
+                    offering = _hex(str(item["offering_uuid"]))
+                    if offering is None:
+                        raise HttpError(400, {"observable_objects": [{"offering_uuid": ["Must be a valid UUID."]}]})
+                    entry["offering_uuid"] = offering
+                cleaned.append(entry)
+            description = body.get("description")
+            subscription = self._new_subscription(description if isinstance(description, str) else "", cleaned)
+            return _Reply(201, _encode(subscription))
+
+    def _list_subscriptions(self, request: _Request, params: dict[str, str]) -> _Reply:
+        with self._lock:
+            reply = self._page(request, list(self._subscriptions.values()))
+            reply.body = _encode(reply.body)
+            return reply
+
+    def _get_subscription(self, request: _Request, params: dict[str, str]) -> _Reply:
+        with self._lock:
+            return _Reply(200, _encode(self._lookup(self._subscriptions, params)))
+
+    def _delete_subscription(self, request: _Request, params: dict[str, str]) -> _Reply:
+        with self._lock:
+            subscription = self._lookup(self._subscriptions, params)
+            self._drop_subscription(subscription["uuid"])
+            if self.rabbit is not None and not self._subscriptions and not self._consumers:
+                self.rabbit.delete_vhost(self.user_uuid)
+            return _Reply(204)
+
+    def _create_queue(self, request: _Request, params: dict[str, str]) -> _Reply:
+        body = self._object_body(request)
+        with self._lock:
+            subscription = self._lookup(self._subscriptions, params)
+            errors: dict[str, list[str]] = {}
+            raw_offering = body.get("offering_uuid")
+            offering = _hex(raw_offering) if isinstance(raw_offering, str) else None
+            if raw_offering is None:
+                errors["offering_uuid"] = ["This field is required."]
+            elif offering is None:
+                errors["offering_uuid"] = ["Must be a valid UUID."]
+            if errors:
+                raise HttpError(400, errors)
+            object_type = self._object_type(body, "object_type")
+            if offering not in self._offerings:
+                raise HttpError(400, {"offering_uuid": ["Offering not found or not accessible."]})
+            assert offering is not None
+            sub_key = subscription["uuid"]
+            queue_name = f"subscription_{sub_key}_offering_{offering}_{object_type}"
+            row = next((r for r in self._subscription_queues.values() if r["queue_name"] == queue_name), None)
+            status = 200
+            if row is None:
+                status = 201
+                key = self.new_uuid()
+                row = {
+                    "uuid": key,
+                    "url": f"{self.root}/api/event-subscription-queues/{key}/",
+                    "event_subscription": subscription["url"],
+                    "event_subscription_uuid": sub_key,
+                    "offering_uuid": offering,
+                    "object_type": object_type,
+                    "queue_name": queue_name,
+                    "vhost": subscription["user_uuid"],
+                    "created": now_iso(),
+                }
+                self._subscription_queues[key] = row
+            if self.rabbit is not None:
+                self.rabbit.ensure_queue(row["vhost"], queue_name)
+            return _Reply(status, _encode(row))
+
+
+@dataclass(frozen=True)
+class MessageTarget:
+    """One place Mastermind publishes an event to: STOMP ``/amq/queue/<queue_name>`` in ``vhost``."""
+
+    vhost: str
+    queue_name: str
+    topic: str  # Mastermind's internal topic (the MQTT topic of the legacy path)
+
+    @property
+    def destination(self) -> str:
+        return f"/amq/queue/{self.queue_name}"
+
+
+class RabbitProvisioner:
+    """Creates vhosts, users, permissions and queues through RabbitMQ's management HTTP API, as Mastermind does,
+    and remembers them so a test can clean up."""
+
+    def __init__(self, api: str, admin_user: str, admin_password: str, *, timeout: float = 10.0) -> None:
+        self.api = api.rstrip("/")
+        self.admin_user = admin_user
+        self._http = httpx.Client(base_url=f"{self.api}/api", auth=(admin_user, admin_password), timeout=timeout)
+        self.vhosts: set[str] = set()
+        self.users: set[str] = set()
+
+    def close(self) -> None:
+        self._http.close()
+
+    @staticmethod
+    def _q(value: str) -> str:
+        return quote(value, safe="")
+
+    def _call(self, method: str, path: str, body: Any = None, *, missing_ok: bool = False) -> httpx.Response:
+        response = self._http.request(method, path, json=body)
+        if response.status_code == 404 and missing_ok:
+            return response
+        if response.status_code >= 300:
+            raise RuntimeError(
+                f"RabbitMQ management {method} {path}: HTTP {response.status_code} {response.text[:200]}"
+            )
+        return response
+
+    def ensure_vhost(self, vhost: str) -> None:
+        self._call("PUT", f"/vhosts/{self._q(vhost)}")
+        self.vhosts.add(vhost)
+
+    def ensure_user(self, name: str, password: str) -> None:
+        self._call("PUT", f"/users/{self._q(name)}", {"password": password, "tags": ""})
+        self.users.add(name)
+
+    def grant(self, vhost: str, user: str) -> None:
+        self._call(
+            "PUT",
+            f"/permissions/{self._q(vhost)}/{self._q(user)}",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
+
+    def ensure_queue(self, vhost: str, queue: str) -> None:
+        self._call(
+            "PUT",
+            f"/queues/{self._q(vhost)}/{self._q(queue)}",
+            {"durable": True, "auto_delete": False, "arguments": dict(QUEUE_ARGUMENTS)},
+        )
+
+    def user_exists(self, name: str) -> bool:
+        return self._call("GET", f"/users/{self._q(name)}", missing_ok=True).status_code == 200
+
+    def delete_user(self, name: str) -> None:
+        self._call("DELETE", f"/users/{self._q(name)}", missing_ok=True)
+        self.users.discard(name)
+
+    def delete_queue(self, vhost: str, queue: str) -> None:
+        self._call("DELETE", f"/queues/{self._q(vhost)}/{self._q(queue)}", missing_ok=True)
+
+    def delete_vhost(self, vhost: str) -> None:
+        self._call("DELETE", f"/vhosts/{self._q(vhost)}", missing_ok=True)
+        self.vhosts.discard(vhost)
+
+    def get_queue(self, vhost: str, queue: str) -> dict[str, Any] | None:
+        response = self._call("GET", f"/queues/{self._q(vhost)}/{self._q(queue)}", missing_ok=True)
+        return None if response.status_code == 404 else dict(response.json())
+
+    def cleanup(self) -> None:
+        """Delete every user and vhost this provisioner created (queues go with their vhost)."""
+        for user in list(self.users):
+            try:
+                self.delete_user(user)
+            except (httpx.HTTPError, RuntimeError):
+                pass
+        for vhost in list(self.vhosts):
+            try:
+                self.delete_vhost(vhost)
+            except (httpx.HTTPError, RuntimeError):
+                pass
+
 
 def _encode(body: Any) -> bytes:
     """Serialise while the state lock is held (the stored dicts may change right after)."""
@@ -1225,8 +1745,12 @@ def _compile_path(path: str) -> re.Pattern[str]:
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
+    "OBSERVABLE_OBJECT_TYPES",
+    "QUEUE_ARGUMENTS",
     "FakeWaldur",
     "Faults",
     "HttpError",
+    "MessageTarget",
+    "RabbitProvisioner",
     "RecordedRequest",
 ]
