@@ -128,7 +128,7 @@ class ApiServer:
                 self.stop(timeout=1.0)
                 raise RuntimeError(f"the HTTP API did not start within {timeout} s")
             time.sleep(0.005)
-        log.info("http.listening", url=self.url)
+        log.debug("http.listening", url=self.url)
         return self.port
 
     def stop(self, timeout: float = 5.0) -> bool:
