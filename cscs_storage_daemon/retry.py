@@ -154,16 +154,18 @@ def build_retrying(
             wait=round(wait, 3),
         )
         if on_retry is not None:
-            on_retry(
-                RetryInfo(
-                    operation=operation or path,
-                    method=method,
-                    path=path,
-                    attempt=state.attempt_number,
-                    reason=reason,
-                    wait=wait,
-                )
+            info = RetryInfo(
+                operation=operation or path,
+                method=method,
+                path=path,
+                attempt=state.attempt_number,
+                reason=reason,
+                wait=wait,
             )
+            try:
+                on_retry(info)
+            except Exception as exc:  # a broken metrics hook must not break the call
+                log.error("waldur.retry_hook_failed", error=type(exc).__name__)
 
     return Retrying(
         stop=stop_after_attempt(policy.attempts) | stop_before_delay(policy.total),

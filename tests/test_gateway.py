@@ -321,6 +321,19 @@ def test_transient_failures_are_retried(
     assert {info.operation for info in seen} == {"get_offering"}
 
 
+def test_a_failing_retry_hook_does_not_break_the_call(
+    fake_waldur: FakeWaldur, waldur_gateway_factory: GatewayFactory
+) -> None:
+    offering = fake_waldur.add_offering(slug="capstor")
+
+    def broken(info: RetryInfo) -> None:
+        raise RuntimeError("metrics down")
+
+    gateway = waldur_gateway_factory(on_retry=broken)
+    fake_waldur.fail_next(503)
+    assert gateway.get_offering(offering.uuid)["slug"] == "capstor"
+
+
 def test_retries_on_a_post(fake_waldur: FakeWaldur, waldur_gateway: WaldurGateway) -> None:
     offering = fake_waldur.add_offering()
     _, order = fake_waldur.order_new_resource(offering.uuid, slug="x")
