@@ -5,39 +5,49 @@ Kept apart from `daemon.py` so the lifecycle reads top to bottom and each transp
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from cscs_storage_daemon.config import effective_broker
+from cscs_storage_daemon.config import OfferingConfig, effective_broker
 from cscs_storage_daemon.transports.backoff import Backoff
 
 if TYPE_CHECKING:
     from cscs_storage_daemon.daemon import Core, Daemon
+    from cscs_storage_daemon.registration import Subscription
+    from cscs_storage_daemon.runtime import OfferingRuntime
 
 log = structlog.get_logger("cscs_storage_daemon.wiring")
 
 
+def register_offering(core: Core, offering_config: OfferingConfig, offering: OfferingRuntime) -> list[Subscription]:
+    """Register one offering's queue(s) with Waldur and route them to it (`replay` does the same, without a broker)."""
+    from cscs_storage_daemon.registration import register
+
+    legacy = core.config.daemon.event_mode == "legacy"
+    subscriptions = register(offering.gateway, offering_config, core.config.daemon.event_mode)
+    for sub in subscriptions:
+        core.routes[sub.queue_name] = (offering, legacy)
+        if sub.mqtt_topic:
+            core.routes[sub.mqtt_topic] = (offering, legacy)
+    return subscriptions
+
+
 def connect_transports(daemon: Daemon, core: Core, recorder: Any = None) -> list[Any]:
     """Register every offering's queue(s) with Waldur, build one transport per offering, start them."""
-    from cscs_storage_daemon.registration import register
     from cscs_storage_daemon.transports.mqtt import MqttTransport
     from cscs_storage_daemon.transports.stomp import StompSubscription, StompTransport
 
     config = core.config
-    legacy = config.daemon.event_mode == "legacy"
     transports: list[Any] = []
     submit = core.dispatcher.submit
     if recorder is not None:
         submit = recorder.wrap_delivery(submit)
     for offering_config, offering in zip(config.offerings, core.offerings, strict=True):
         endpoint = effective_broker(config, offering_config)
-        subscriptions = register(offering.gateway, offering_config, config.daemon.event_mode)
+        subscriptions = register_offering(core, offering_config, offering)
         daemon.subscriptions[offering.slug] = subscriptions
-        for sub in subscriptions:
-            core.routes[sub.queue_name] = (offering, legacy)
-            if sub.mqtt_topic:
-                core.routes[sub.mqtt_topic] = (offering, legacy)
         username = endpoint.username
         password = endpoint.password.get_secret_value() if endpoint.password else None
         if endpoint.protocol == "stomp":
@@ -67,7 +77,9 @@ def connect_transports(daemon: Daemon, core: Core, recorder: Any = None) -> list
                 endpoint.host,
                 endpoint.port,
                 topics=[sub.mqtt_topic for sub in subscriptions if sub.mqtt_topic],
-                client_id=f"cscs-storage-daemon-{offering.uuid}",
+                # Stable across restarts (the persistent session keeps what arrives while the daemon is away) and
+                # unique per registration (another agent identity must not take over this session).
+                client_id=f"cscs-storage-{offering.uuid[:12]}-{first.username[:16]}",
                 username=username or f"{first.vhost}:{first.username}",
                 password=password or first.password,
                 websocket_path=endpoint.websocket_path,
@@ -107,8 +119,10 @@ def _hook(daemon: Daemon, core: Core, offering: Any, offering_config: Any, trans
         from cscs_storage_daemon.registration import register
 
         log.warning("broker.queue_missing", transport=name, destination=destination)
+        recorder = daemon.recorder
         try:
-            subscriptions = register(offering.gateway, offering_config, core.config.daemon.event_mode)
+            with recorder.task("register", offering=offering.slug) if recorder is not None else nullcontext():
+                subscriptions = register(offering.gateway, offering_config, core.config.daemon.event_mode)
         except Exception as exc:
             log.error("broker.reregister_failed", error=str(exc)[:300])
             return
