@@ -69,7 +69,7 @@ class Processor:
         self._after_change(offering, [change])
         return change
 
-    def _after_change(self, offering: OfferingRuntime, changes: list[Change]) -> None:
+    def _after_change(self, offering: OfferingRuntime, changes: list[Change], *, changed: bool = False) -> None:
         for change in changes:
             if change.error is not None and change.new_error:
                 kind = "stale" if change.stale else "skipped"
@@ -84,7 +84,8 @@ class Processor:
                 self.metrics.invalid_resource_reports.labels(offering.slug, kind).inc()
         self.metrics.mirror_size.labels(offering.slug).set(len(offering.mirror))
         self.metrics.invalid_resources.labels(offering.slug).set(len(offering.mirror.invalid()))
-        self.on_mirror_change(offering)
+        if changed or any(change.changed for change in changes):
+            self.on_mirror_change(offering)
 
     def handle_resource(self, offering: OfferingRuntime, resource_uuid: str) -> None:
         try:
@@ -93,7 +94,7 @@ class Processor:
             if exc.status == 404:
                 if offering.mirror.remove(resource_uuid):
                     log.info("resource.removed", offering=offering.slug, resource_uuid=resource_uuid)
-                    self._after_change(offering, [])
+                    self._after_change(offering, [], changed=True)
                 return
             raise
         if normalise_uuid(raw.get("offering_uuid")) not in (None, offering.uuid):
@@ -109,7 +110,7 @@ class Processor:
         expired = offering.mirror.expire_removed()
         if expired:
             log.info("resource.expired", offering=offering.slug, count=len(expired))
-        self._after_change(offering, changes)
+        self._after_change(offering, changes, changed=bool(expired))
         orders = offering.gateway.list_orders(offering.uuid, RECONCILE_ORDER_STATES)
         for order in orders:
             order_uuid = normalise_uuid(order.get("uuid"))
