@@ -65,6 +65,7 @@ class OfferingMirror:
         self._warn = warn
         self._lock = threading.RLock()
         self._entries: dict[str, MirrorEntry] = {}
+        self._invalid: set[str] = set()  # uuids whose current Waldur JSON is invalid
         # Terminated resources already expired: Waldur keeps listing them, and they must not come back.
         self._expired: set[str] = set()
         self._version = 0
@@ -108,12 +109,14 @@ class OfferingMirror:
             if error is None:
                 changed = old is None or old.storage != storage
                 self._entries[key] = MirrorEntry(key, raw, storage, None, terminated_since)
+                self._invalid.discard(key)
                 if changed or old is None or old.raw != raw:
                     self._touch()
                 return Change(uuid=key, changed=changed)
             new_error = old is None or old.error is None or old.raw != raw
             kept = old.storage if old else None
             self._entries[key] = MirrorEntry(key, raw, kept, error, terminated_since)
+            self._invalid.add(key)
             if old is None or old.raw != raw:
                 self._touch()
             return Change(uuid=key, changed=False, error=error, new_error=new_error, stale=kept is not None)
@@ -127,6 +130,7 @@ class OfferingMirror:
             gone = [key for key in self._entries if key not in seen]
             for key in gone:
                 del self._entries[key]
+                self._invalid.discard(key)
                 changes.append(Change(uuid=key, changed=True))
             if gone:
                 self._touch()
@@ -138,6 +142,7 @@ class OfferingMirror:
             if key is None or key not in self._entries:
                 return False
             del self._entries[key]
+            self._invalid.discard(key)
             self._touch()
             return True
 
@@ -152,6 +157,7 @@ class OfferingMirror:
             ]
             for key in expired:
                 del self._entries[key]
+                self._invalid.discard(key)
                 self._expired.add(key)
             if expired:
                 self._touch()
@@ -171,6 +177,11 @@ class OfferingMirror:
     def storage_objects(self) -> list[dict[str, Any]]:
         """Every valid (or last valid) storage object, in feed order: the content of all.json."""
         return [entry.storage for entry in self.entries() if entry.storage is not None]
+
+    @property
+    def invalid_count(self) -> int:
+        """How many resources are invalid now (skipped or served stale), without sorting anything."""
+        return len(self._invalid)
 
     def invalid(self) -> list[MirrorEntry]:
         return [entry for entry in self.entries() if entry.error is not None]

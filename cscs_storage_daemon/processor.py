@@ -83,7 +83,7 @@ class Processor:
                 )
                 self.metrics.invalid_resource_reports.labels(offering.slug, kind).inc()
         self.metrics.mirror_size.labels(offering.slug).set(len(offering.mirror))
-        self.metrics.invalid_resources.labels(offering.slug).set(len(offering.mirror.invalid()))
+        self.metrics.invalid_resources.labels(offering.slug).set(offering.mirror.invalid_count)
         if changed or any(change.changed for change in changes):
             self.on_mirror_change(offering)
 
