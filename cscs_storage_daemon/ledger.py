@@ -83,9 +83,7 @@ class Ledger:
                 " resource_uuid = excluded.resource_uuid",
                 (order_uuid, order_type, offering, resource_uuid, file_name),
             )
-            row = self._db.execute(
-                "SELECT file_name FROM orders WHERE order_uuid = ?", (order_uuid,)
-            ).fetchone()
+            row = self._db.execute("SELECT file_name FROM orders WHERE order_uuid = ?", (order_uuid,)).fetchone()
         return str(row[0])
 
     def record_written(self, order_uuid: str, *, at: str) -> None:

@@ -37,7 +37,7 @@ def register_offering(core: Core, offering_config: OfferingConfig, offering: Off
 def connect_transports(daemon: Daemon, core: Core, recorder: Any = None) -> list[Any]:
     """Register every offering's queue(s) with Waldur, build one transport per offering, start them."""
     from cscs_storage_daemon.transports.mqtt import MqttTransport
-    from cscs_storage_daemon.transports.stomp import StompSubscription, StompTransport
+    from cscs_storage_daemon.transports.stomp import StompTransport
 
     config = core.config
     transports: list[Any] = []
@@ -54,15 +54,7 @@ def connect_transports(daemon: Daemon, core: Core, recorder: Any = None) -> list
             transport: Any = StompTransport(
                 endpoint.host,
                 endpoint.port,
-                subscriptions=[
-                    StompSubscription(
-                        destination=sub.destination,
-                        login=username or sub.username,
-                        passcode=password or sub.password,
-                        vhost=endpoint.vhost or sub.vhost,
-                    )
-                    for sub in subscriptions
-                ],
+                subscriptions=stomp_subscriptions(subscriptions, endpoint),
                 websocket_path=endpoint.websocket_path,
                 tls=endpoint.tls,
                 verify_tls=endpoint.verify_ssl,
@@ -93,6 +85,22 @@ def connect_transports(daemon: Daemon, core: Core, recorder: Any = None) -> list
         transports.append(transport)
         log.info("broker.starting", offering=offering.slug, url=endpoint.url, queues=len(subscriptions))
     return transports
+
+
+def stomp_subscriptions(subscriptions: list[Any], endpoint: Any) -> list[Any]:
+    """What a STOMP transport consumes for Waldur's registrations (a configured login overrides Waldur's)."""
+    from cscs_storage_daemon.transports.stomp import StompSubscription
+
+    password = endpoint.password.get_secret_value() if endpoint.password else None
+    return [
+        StompSubscription(
+            destination=sub.destination,
+            login=endpoint.username or sub.username,
+            passcode=password or sub.password,
+            vhost=endpoint.vhost or sub.vhost,
+        )
+        for sub in subscriptions
+    ]
 
 
 def _hook(daemon: Daemon, core: Core, offering: Any, offering_config: Any, transport: Any) -> None:
@@ -126,9 +134,10 @@ def _hook(daemon: Daemon, core: Core, offering: Any, offering_config: Any, trans
         except Exception as exc:
             log.error("broker.reregister_failed", error=str(exc)[:300])
             return
+        daemon.subscriptions[offering.slug] = subscriptions
         update = getattr(transport, "update_subscriptions", None)
         if update is not None:
-            update(subscriptions)
+            update(stomp_subscriptions(subscriptions, effective_broker(core.config, offering_config)))
         log.info("broker.reregistered", transport=name, queues=len(subscriptions))
 
     transport.on_connected = on_connected
