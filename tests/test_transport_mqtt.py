@@ -450,3 +450,36 @@ def test_tls_honours_verification(mqtt_env: MqttEnv, tls_proxy: Callable[[int], 
     strict, _ = mqtt_env.transport([topic], mqtt_env.client_id(), **common)
     assert wait_until(lambda: strict.connect_attempts >= 3 and proxy.handshakes_failed >= failed_before + 2)
     assert not strict.connected
+
+
+@pytest.mark.broker
+def test_ack_is_thread_safe_and_idempotent_across_threads(mqtt_env: MqttEnv) -> None:
+    topic, client_id = mqtt_env.topic(), mqtt_env.client_id()
+    transport, rec = mqtt_env.transport([topic], client_id)
+    assert wait_until(lambda: transport.connected)
+    for i in range(15):  # within Mosquitto's default in-flight window (20) without acks
+        mqtt_env.publish(topic, f'{{"n": {i}}}', qos=1)
+    assert rec.wait_count(15)
+    results: list[bool] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(6)
+
+    def worker(part: list[Delivery]) -> None:
+        barrier.wait()
+        for delivery in part:
+            sent = delivery.ack()
+            with lock:
+                results.append(sent)
+
+    deliveries = list(rec.deliveries)
+    threads = [threading.Thread(target=worker, args=(deliveries[i % 3 :: 3],)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results.count(True) == 15 and results.count(False) == 15
+    transport.stop()
+    again, rec2 = mqtt_env.transport([topic], client_id)  # nothing left unacknowledged in the session
+    assert wait_until(lambda: again.connected)
+    time.sleep(0.5)
+    assert rec2.deliveries == []

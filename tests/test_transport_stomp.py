@@ -631,3 +631,37 @@ def test_stop_returns_unacked_messages_and_later_acks_are_noops(stomp_env: Stomp
     assert rec.deliveries[0].ack() is False
     assert wait_until(lambda: queue_counts(stomp_env.vhost)[name] == (1, 0), 10, 0.3)
     transport.stop()  # idempotent
+
+
+@pytest.mark.broker
+def test_ack_is_thread_safe_and_idempotent_across_threads(stomp_env: StompEnv) -> None:
+    """Many workers ack at once, each delivery twice from two threads: exactly one ACK per delivery is sent,
+    none fails, the queue ends empty and the connection stays up."""
+    name = stomp_env.queue()
+    transport, rec = stomp_env.transport([stomp_env.sub(name)], prefetch=50)
+    assert wait_until(lambda: transport.connected)
+    for i in range(40):
+        stomp_env.publish(name, f'{{"n": {i}}}')
+    assert rec.wait_count(40)
+    results: list[bool] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def worker(part: list[Delivery]) -> None:
+        barrier.wait()
+        for delivery in part:
+            sent = delivery.ack()
+            with lock:
+                results.append(sent)
+
+    deliveries = list(rec.deliveries)
+    parts = [deliveries[i % 4 :: 4] for i in range(8)]  # every delivery appears in two parts
+    threads = [threading.Thread(target=worker, args=(part,)) for part in parts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results.count(True) == 40 and results.count(False) == 40
+    assert all(d.outcome == "ack" for d in deliveries)
+    assert wait_until(lambda: queue_counts(stomp_env.vhost)[name] == (0, 0), 10, 0.3)
+    assert transport.connected and transport.reconnects == 0

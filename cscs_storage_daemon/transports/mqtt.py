@@ -240,66 +240,69 @@ class MqttTransport(TransportHooks):
         client = self._client
         try:
             while not self._stopping:
-                self._down.clear()
-                self._subscribed.clear()
-                with self._lock:
-                    self._subscribe_error = None
-                    self._connect_attempts += 1
-                    self._connect_thread_ids.add(threading.get_ident())
                 try:
-                    if self.protocol_version == 5:
-                        rc = client.connect(
-                            self.host,
-                            self.port,
-                            keepalive=self.keepalive,
-                            clean_start=False,
-                            properties=self._connect_properties(),
-                        )
-                    else:
-                        rc = client.connect(self.host, self.port, keepalive=self.keepalive)
-                    if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                        raise ConnectionError(mqtt.error_string(rc))
-                except Exception as exc:
-                    attempt = self._retry_later(attempt, f"connect: {exc}")
-                    continue
-                client.loop_start()
-                # CONNACK and SUBACK are handled on paho's loop thread.
-                deadline = time.monotonic() + self.connect_timeout
-                while not (self._subscribed.is_set() or self._down.is_set() or self._stopping):
-                    if time.monotonic() >= deadline:
-                        break
-                    self._subscribed.wait(0.05)
-                if self._stopping:
-                    break
-                with self._lock:
-                    error = self._subscribe_error
-                if self._subscribed.is_set() and not self._down.is_set() and error is None:
-                    attempt = 0
-                    self._set_up()
-                    while not self._stopping and not self._down.wait(0.2):
-                        pass
-                    if self._stopping:
-                        break
-                    self._set_down("connection lost")
+                    attempt = self._session_once(client, attempt)
+                except Exception:  # the supervisor must outlive any surprise, or nothing reconnects again
+                    _log.exception("broker.supervisor_error", transport=self.name)
+                    self._set_down("internal error")
                     self._close_session(client)
-                    attempt = self._retry_later(0, "disconnected")
-                    continue
-                self._close_session(client)
-                reason = error or (
-                    "refused or closed before SUBACK" if self._down.is_set() else "no CONNACK/SUBACK in time"
-                )
-                attempt = self._retry_later(attempt, reason)
-        except Exception:
-            _log.exception("broker.supervisor_crashed", transport=self.name)
+                    attempt = self._retry_later(attempt, "internal error")
         finally:
             self._close_session(client, graceful=True)
             self._set_down("stopped")
             _log.info("broker.stopped", transport=self.name)
 
-    def _retry_later(self, attempt: int, reason: str) -> int:
+    def _session_once(self, client: Any, attempt: int) -> int:
+        """Connect, subscribe, wait until the session ends, then back off. Returns the next attempt number."""
+        self._down.clear()
+        self._subscribed.clear()
+        with self._lock:
+            self._subscribe_error = None
+            self._connect_attempts += 1
+            self._connect_thread_ids.add(threading.get_ident())
+        try:
+            if self.protocol_version == 5:
+                rc = client.connect(
+                    self.host,
+                    self.port,
+                    keepalive=self.keepalive,
+                    clean_start=False,
+                    properties=self._connect_properties(),
+                )
+            else:
+                rc = client.connect(self.host, self.port, keepalive=self.keepalive)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise ConnectionError(mqtt.error_string(rc))
+        except Exception as exc:
+            return self._retry_later(attempt, f"connect: {exc}")
+        client.loop_start()
+        # CONNACK and SUBACK are handled on paho's loop thread.
+        deadline = time.monotonic() + self.connect_timeout
+        while not (self._subscribed.is_set() or self._down.is_set() or self._stopping):
+            if time.monotonic() >= deadline:
+                break
+            self._subscribed.wait(0.05)
+        if self._stopping:
+            return attempt
+        with self._lock:
+            error = self._subscribe_error
+        if self._subscribed.is_set() and not self._down.is_set() and error is None:
+            self._set_up()
+            while not self._stopping and not self._down.wait(0.2):
+                pass
+            if self._stopping:
+                return 0
+            self._set_down("connection lost")
+            self._close_session(client)
+            return self._retry_later(0, "disconnected", event="broker.reconnect_scheduled")
+        self._close_session(client)
+        reason = error or ("refused or closed before SUBACK" if self._down.is_set() else "no CONNACK/SUBACK in time")
+        return self._retry_later(attempt, reason)
+
+    def _retry_later(self, attempt: int, reason: str, event: str = "broker.connect_failed") -> int:
         delay = self.backoff.delay(attempt)
         _log.warning(
-            "broker.connect_failed",
+            event,
             transport=self.name,
             host=self.host,
             port=self.port,

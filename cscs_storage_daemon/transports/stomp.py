@@ -463,29 +463,36 @@ class StompTransport(TransportHooks):
                 with self._lock:
                     if self._stopping:
                         break
-                    if self._desired_changed:
-                        self._apply_desired()
-                self._drain_events()
-                now = time.monotonic()
-                with self._lock:
-                    links = list(self._links.values())
-                for link in links:
-                    if self._stopping:
-                        break
-                    if link.state == "up" and link.conn is not None and not link.conn.is_connected():
-                        self._mark_down(link, "connection lost")
-                    if link.state == "down" and now >= link.next_attempt and not link.removed:
-                        self._connect_link(link)
-                        self._drain_events()
-                self._update_connected()
-                with self._lock:
-                    waits = [lk.next_attempt - time.monotonic() for lk in self._links.values() if lk.state == "down"]
-                timeout = min([1.0, *waits])
+                try:
+                    timeout = self._supervise_once()
+                except Exception:  # the supervisor must outlive any surprise, or nothing reconnects again
+                    _log.exception("broker.supervisor_error", transport=self.name)
+                    timeout = self.backoff.initial
                 self._wake.wait(max(timeout, 0.0))
-        except Exception:
-            _log.exception("broker.supervisor_crashed", transport=self.name)
         finally:
             self._shutdown_links()
+
+    def _supervise_once(self) -> float:
+        """One pass: apply subscription changes, handle events, (re)connect what is due. Returns how long to
+        wait before the next pass (unless woken)."""
+        with self._lock:
+            if self._desired_changed:
+                self._apply_desired()
+            links = list(self._links.values())
+        self._drain_events()
+        now = time.monotonic()
+        for link in links:
+            if self._stopping:
+                break
+            if link.state == "up" and link.conn is not None and not link.conn.is_connected():
+                self._mark_down(link, "connection lost")
+            if link.state == "down" and now >= link.next_attempt and not link.removed:
+                self._connect_link(link)
+                self._drain_events()
+        self._update_connected()
+        with self._lock:
+            waits = [lk.next_attempt - time.monotonic() for lk in self._links.values() if lk.state == "down"]
+        return min([1.0, *waits])
 
     def _apply_desired(self) -> None:
         self._desired_changed = False
