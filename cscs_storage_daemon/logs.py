@@ -67,9 +67,44 @@ def drop_authorization(_logger: Any, _name: str, event_dict: MutableMapping[str,
     return event_dict
 
 
+class _StandardStream:
+    """`sys.stdout` / `sys.stderr` looked up at each write, never bound once: whoever swaps them (a test runner's
+    capture, a daemoniser) must not leave the logger holding a closed file. A log line that cannot be written is
+    dropped; logging never raises into the thread that logs."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _stream(self) -> TextIO:
+        stream: TextIO = getattr(sys, self.name)
+        return stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream().write(text)
+        except (ValueError, OSError):
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self._stream().flush()
+        except (ValueError, OSError):
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return self._stream().isatty()
+        except (ValueError, OSError):
+            return False
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Configure structlog for the process. `fmt` is `auto`, `json` or `console`."""
-    out = stream or sys.stdout
+    """Configure structlog for the process. `fmt` is `auto`, `json` or `console`; `stream` defaults to stdout."""
+    out: Any = stream if stream is not None else sys.stdout
+    if out is sys.stdout or out is sys.__stdout__:
+        out = _StandardStream("stdout")
+    elif out is sys.stderr or out is sys.__stderr__:
+        out = _StandardStream("stderr")
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
