@@ -1119,6 +1119,32 @@ def _expand_env(value: Any, path: str, problems: list[ConfigProblem]) -> Any:
 # Loading
 
 
+def _secrets_as_written(data: Mapping[str, Any], expand_env: bool) -> list[str]:
+    """The tokens and the broker password of a document (``${...}`` expanded): a value echoed by an error (a token
+    pasted into the wrong key, say) is masked with them, so a configuration error never shows a secret."""
+    candidates: list[Any] = []
+    offerings = data.get("offerings")
+    if isinstance(offerings, list):
+        candidates += [entry.get("waldur_api_token") for entry in offerings if isinstance(entry, Mapping)]
+    daemon = data.get("daemon")
+    if isinstance(daemon, Mapping) and isinstance(daemon.get("broker"), Mapping):
+        candidates.append(daemon["broker"].get("password"))
+    found = []
+    for value in candidates:
+        if isinstance(value, str):
+            if expand_env and "${" in value:
+                value = _expand_text(value, "", [])
+            if len(value) >= 8:  # the floor render_effective_config masks at
+                found.append(value)
+    return sorted(found, key=len, reverse=True)
+
+
+def _mask_secrets(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, MASK)
+    return text
+
+
 def load_config(path: str | Path) -> Config:
     """Read, expand and validate the YAML configuration file; raise `ConfigError` on any problem."""
     file = str(path)
@@ -1168,7 +1194,10 @@ def config_from_data(
         problems.extend(_problems_from(exc, "daemon"))
 
     if problems or daemon is None:
-        raise ConfigError.from_problems(label, problems)
+        secrets = _secrets_as_written(data, expand_env)
+        raise ConfigError.from_problems(
+            label, [ConfigProblem(p.path, _mask_secrets(p.detail, secrets)) for p in problems]
+        )
     return Config(
         offerings=[offering for _, offering in offerings],
         daemon=daemon,
