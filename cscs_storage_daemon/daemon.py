@@ -288,6 +288,7 @@ class Daemon:
         log.info("daemon.stopping")
         timeout = self.config.daemon.shutdown_timeout
         if core is not None:
+            core.reconciler.request_stop()  # a reconciliation pass takes no further order after SIGTERM
             drained = core.dispatcher.stop(timeout)
             if not drained:
                 log.warning("daemon.drain_timeout", in_flight=core.dispatcher.in_flight)

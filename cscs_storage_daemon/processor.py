@@ -103,8 +103,9 @@ class Processor:
         self.refresh(offering, raw)
         log.info("resource.updated", offering=offering.slug, resource_uuid=resource_uuid, state=raw.get("state"))
 
-    def reconcile(self, offering: OfferingRuntime) -> int:
-        """List every resource page (refresh the mirror) and process every open order. Returns orders handled."""
+    def reconcile(self, offering: OfferingRuntime, *, stop: threading.Event | None = None) -> int:
+        """List every resource page (refresh the mirror) and process every open order. Returns orders handled.
+        Once `stop` is set (SIGTERM), no further order is taken: the one in hand is finished, the rest waits."""
         resources = offering.gateway.list_resources(offering.uuid)
         changes = offering.mirror.replace_all(resources)
         expired = offering.mirror.expire_removed()
@@ -112,7 +113,10 @@ class Processor:
             log.info("resource.expired", offering=offering.slug, count=len(expired))
         self._after_change(offering, changes, changed=bool(expired))
         orders = offering.gateway.list_orders(offering.uuid, RECONCILE_ORDER_STATES)
-        for order in orders:
+        for handled, order in enumerate(orders):
+            if stop is not None and stop.is_set():
+                log.info("reconcile.stopped", offering=offering.slug, handled=handled, open_orders=len(orders))
+                return handled
             order_uuid = normalise_uuid(order.get("uuid"))
             if order_uuid is None:
                 log.error("order.invalid_uuid", offering=offering.slug, uuid=str(order.get("uuid"))[:64])
@@ -135,8 +139,16 @@ class Processor:
         if state_hint in SKIPPED_ORDER_STATES:
             log.debug("order.skipped", state=state_hint)
             return OrderOutcome("skipped")
+        saved = structlog.contextvars.get_contextvars()
         with self._order_locks[zlib.crc32(order_uuid.encode()) % len(self._order_locks)]:
-            return self._handle_order(offering, order_uuid, order)
+            try:
+                return self._handle_order(offering, order_uuid, order)
+            finally:
+                # `_execute` binds the order's resource and type for its own lines: never for the next event's.
+                structlog.contextvars.unbind_contextvars("resource_uuid", "order_type")
+                structlog.contextvars.bind_contextvars(
+                    **{k: saved[k] for k in ("resource_uuid", "order_type") if k in saved}
+                )
 
     def _handle_order(
         self, offering: OfferingRuntime, order_uuid: str, order: Mapping[str, Any] | None

@@ -65,7 +65,7 @@ class Reconciler:
         """One pass over one offering, now, on the caller's thread. True on success."""
         log.info("reconcile.started", offering=offering.slug, reason=reason)
         try:
-            self.processor.reconcile(offering)
+            self.processor.reconcile(offering, stop=self._stop)
         except (WaldurError, WriteFailure) as exc:
             delay = min(EARLY_RETRY_MAX, self._retry_delay.get(offering.slug, EARLY_RETRY_FIRST / 2) * 2)
             with self._cond:
@@ -119,9 +119,13 @@ class Reconciler:
                 except Exception:
                     log.exception("reconcile.crashed", offering=slug)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def request_stop(self) -> None:
+        """Take no further order: a pass in progress ends after the order in hand (first step of a shutdown)."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)

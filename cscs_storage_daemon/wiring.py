@@ -5,6 +5,7 @@ Kept apart from `daemon.py` so the lifecycle reads top to bottom and each transp
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
     from cscs_storage_daemon.runtime import OfferingRuntime
 
 log = structlog.get_logger("cscs_storage_daemon.wiring")
+
+#: How long the start sequence waits for the broker connections before it goes on (READY) without them.
+CONNECT_WAIT = 30.0
 
 
 def register_offering(core: Core, offering_config: OfferingConfig, offering: OfferingRuntime) -> list[Subscription]:
@@ -84,6 +88,13 @@ def connect_transports(daemon: Daemon, core: Core, recorder: Any = None) -> list
         transport.start(submit)
         transports.append(transport)
         log.info("broker.starting", offering=offering.slug, url=endpoint.url, queues=len(subscriptions))
+    # READY follows the connection (events spec §5): the transports connect on their own threads, so wait for them
+    # (bounded: a broker that is down at start must not keep the daemon from serving files and reconciling).
+    deadline = time.monotonic() + CONNECT_WAIT
+    while not all(t.connected for t in transports) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not all(t.connected for t in transports):
+        log.warning("broker.not_connected_at_start", waited=CONNECT_WAIT)
     return transports
 
 
