@@ -11,16 +11,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import structlog
 
 from cscs_storage_daemon import __version__
 from cscs_storage_daemon.clock import Clock, SystemClock
-from cscs_storage_daemon.config import Config, ConfigError, load_config
+from cscs_storage_daemon.config import Config, ConfigError, DaemonSettings, OfferingConfig, load_config
 from cscs_storage_daemon.debounce import DebounceRules
 from cscs_storage_daemon.dispatcher import DeadLetterLog, Dispatcher
 from cscs_storage_daemon.gateway import WaldurError
@@ -33,6 +35,9 @@ from cscs_storage_daemon.runtime import OfferingRuntime, open_offering
 from cscs_storage_daemon.sdnotify import Notifier
 from cscs_storage_daemon.snapshots import SnapshotScheduler
 from cscs_storage_daemon.stamps import StampRecorder, Stamps
+
+if TYPE_CHECKING:
+    from cscs_storage_daemon.capture import CaptureWriter
 
 log = structlog.get_logger("cscs_storage_daemon.daemon")
 
@@ -97,8 +102,15 @@ def build_core(
     stamp_recorder: StampRecorder | None = None,
     output_root: Path | None = None,
     inline: bool = False,
+    http_transport_for: Callable[[OfferingConfig], httpx.BaseTransport] | None = None,
+    stamps: Stamps | None = None,
+    retry: RetryPolicy | None = None,
+    retry_hook: Callable[[RetryInfo], None] | None = None,
+    ledger: Ledger | None = None,
 ) -> Core:
-    clock = clock or SystemClock()
+    """The core of `run`. The keyword hooks are for the capture and the replay: a transport per offering, the stamp
+    source, the retry policy and a hook before every retry, and the ledger."""
+    clock = stamps.clock if stamps is not None else clock or SystemClock()
     metrics = metrics or Metrics()
     settings = config.daemon
     state_dir = Path(settings.state_directory)
@@ -106,15 +118,17 @@ def build_core(
 
     def on_retry(info: RetryInfo) -> None:
         metrics.waldur_retries.labels(info.reason).inc()
+        if retry_hook is not None:
+            retry_hook(info)
 
     offerings: list[OfferingRuntime] = []
     for offering_config in config.offerings:
         runtime = open_offering(
             offering_config,
-            retry=retry_policy(config),
+            retry=retry or retry_policy(config),
             timeout=settings.retry.timeout,
             removed_retention=settings.removed_retention,
-            transport=http_transport,
+            transport=http_transport_for(offering_config) if http_transport_for is not None else http_transport,
             on_retry=on_retry,
             warn=_warn,
         )
@@ -123,8 +137,8 @@ def build_core(
 
             runtime.writer = OutputWriter(output_root / runtime.slug, file_mode=runtime.writer.file_mode)
         offerings.append(runtime)
-    ledger = Ledger(state_dir / "ledger.sqlite3")
-    stamps = Stamps(clock, stamp_recorder)
+    ledger = ledger or Ledger(state_dir / "ledger.sqlite3")
+    stamps = stamps or Stamps(clock, stamp_recorder)
     scheduler = SnapshotScheduler(
         offerings,
         rules=DebounceRules(settings.snapshot.quiet, settings.snapshot.max_wait, settings.snapshot.heartbeat),
@@ -178,6 +192,7 @@ class Daemon:
         self.api_server: Any = None
         self.health: Any = None
         self.core: Core | None = None
+        self.recorder: CaptureWriter | None = None
         self.exit_code = 0
 
     # -- signals -----------------------------------------------------------------------------------------------
@@ -207,19 +222,24 @@ class Daemon:
             recorder = CaptureWriter.open(self.record, self.config)
         self.recorder = recorder
         log.info("daemon.starting", version=__version__, offerings=len(self.config.offerings))
-        core = build_core(
-            self.config,
-            http_transport=recorder.http_transport() if recorder else None,
-            stamp_recorder=recorder.record_stamp if recorder else None,
-        )
-        self.core = core
-        core.fill()
-        core.dispatcher.start()
-        core.scheduler.start()
-        self.health, self.api_server = start_api(self, core)
-        self.transports = connect_transports(self, core, recorder)
-        for offering in core.offerings:
-            core.reconciler.run_once(offering, "start")
+        # With --record, everything the start sequence does is one task of the capture; `replay` repeats the same
+        # sequence (build_core, fill, registration, reconciliation), without the broker and the API.
+        with recorder.task("start") if recorder is not None else nullcontext():
+            core = build_core(
+                self.config,
+                http_transport_for=recorder.transport_for if recorder else None,
+                stamps=recorder.stamps(SystemClock()) if recorder else None,
+            )
+            if recorder is not None:
+                recorder.attach(core)
+            self.core = core
+            core.fill()
+            core.dispatcher.start()
+            core.scheduler.start()
+            self.health, self.api_server = start_api(self, core)
+            self.transports = connect_transports(self, core, recorder)
+            for offering in core.offerings:
+                core.reconciler.run_once(offering, "start")
         core.reconciler.start()
         if self.health is not None:
             self.health.set_ready(True)
@@ -260,12 +280,9 @@ class Daemon:
         core = self.core
         assert core is not None
         d = new.daemon
-        core.processor.auto_approve = d.auto_approve
-        core.processor.complete_orders = d.complete_orders
-        core.reconciler.interval = d.reconcile_interval
-        core.scheduler.rules = DebounceRules(d.snapshot.quiet, d.snapshot.max_wait, d.snapshot.heartbeat)
-        for debouncer in core.scheduler._debouncers.values():
-            debouncer.rules = core.scheduler.rules
+        apply_live_settings(core, d)
+        if self.recorder is not None:
+            self.recorder.record_reload(new)
         from cscs_storage_daemon import logs
 
         logs.configure(level=d.log.level, fmt=d.log.format)
@@ -308,6 +325,16 @@ class Daemon:
         if recorder is not None:
             recorder.close()
         log.info("daemon.stopped")
+
+
+def apply_live_settings(core: Core, d: DaemonSettings) -> None:
+    """What a reload changes in a running core (also replayed from a capture's `reload` records)."""
+    core.processor.auto_approve = d.auto_approve
+    core.processor.complete_orders = d.complete_orders
+    core.reconciler.interval = d.reconcile_interval
+    core.scheduler.rules = DebounceRules(d.snapshot.quiet, d.snapshot.max_wait, d.snapshot.heartbeat)
+    for debouncer in core.scheduler._debouncers.values():
+        debouncer.rules = core.scheduler.rules
 
 
 def run_daemon(config: Config, *, record: str | None = None) -> int:

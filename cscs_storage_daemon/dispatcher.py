@@ -16,6 +16,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class Inbound:
 
 
 Route = Callable[[Delivery], tuple[OfferingRuntime | None, bool]]  # → (offering, legacy naming)
+TaskScope = Callable[[Delivery], AbstractContextManager[object]]  # brackets the handling of one delivery (capture)
 
 
 class Dispatcher:
@@ -105,6 +107,7 @@ class Dispatcher:
         self.request_reconcile = request_reconcile
         self.write_retry_delay = write_retry_delay
         self.inline = inline
+        self.task_scope: TaskScope | None = None  # set by the capture: tags what a delivery's handling does
         self._lanes: list[queue.Queue[Inbound | None]] = [queue.Queue() for _ in range(max(1, workers))]
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -158,11 +161,14 @@ class Dispatcher:
             self._run(item)
 
     def _run(self, item: Inbound) -> None:
+        scope = self.task_scope(item.delivery) if self.task_scope is not None else nullcontext()
         try:
-            self._handle(item)
-        except Exception:
-            log.exception("event.failed", destination=item.delivery.destination)
-            item.delivery.ack()  # reconciliation is the safety net; a poison event must not loop forever
+            with scope:
+                try:
+                    self._handle(item)
+                except Exception:
+                    log.exception("event.failed", destination=item.delivery.destination)
+                    item.delivery.ack()  # reconciliation is the safety net; a poison event must not loop forever
         finally:
             with self._count_lock:
                 self._in_flight -= 1

@@ -67,9 +67,11 @@ class SnapshotScheduler:
                 debouncer = self._debouncers[slug]
                 taken = debouncer.started()
             now = self._now()
-            reading = self.stamps.for_snapshot(slug)
+            with self.stamps.section():  # the reading and the mirror it dates, as one step (capture / replay)
+                reading = self.stamps.for_snapshot(slug)
+                objects = offering.mirror.storage_objects()
             local = reading.astimezone(offering.zone)
-            document = snapshot_envelope(offering.mirror.storage_objects(), date=local)
+            document = snapshot_envelope(objects, date=local)
             key = content_key(document)
             with self._cond:
                 heartbeat = debouncer.heartbeat_due(now)
