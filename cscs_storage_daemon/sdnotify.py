@@ -32,11 +32,13 @@ class Notifier:
         if address.startswith("@"):
             address = "\0" + address[1:]
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Non-blocking: a listener that does not drain its socket must never freeze the daemon's main loop
+            # (a full datagram queue makes a blocking send wait forever); the notification is dropped instead.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
                 sock.connect(address)
-                sock.sendall("\n".join(lines).encode("utf-8"))
+                sock.send("\n".join(lines).encode("utf-8"))
             return True
-        except OSError:
+        except OSError:  # BlockingIOError included
             return False
 
     def ready(self, status: str = "") -> bool:

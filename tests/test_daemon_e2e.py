@@ -219,3 +219,22 @@ def test_malformed_bodies_are_dead_lettered_and_the_daemon_goes_on(live: Live) -
     live.publish(live.order_body(order["uuid"]))
     assert wait_until(lambda: live.fake.order_state(order["uuid"]) == "done")
     assert live.daemon.healthy()
+
+
+def test_queue_deleted_under_the_daemon_is_registered_again(live: Live, rabbit_admin: Any) -> None:
+    if live.mode.startswith("mqtt"):
+        pytest.skip("MQTT topics need no queue")
+    fake = live.fake
+    subs = live.daemon.subscriptions["capstor"]
+    registrations = sum(1 for r in fake.requests if r.path.endswith(("/register_queue/", "/create_queue/")))
+    rabbit_admin.delete_queue(subs[0].vhost, subs[0].queue_name)
+    assert wait_until(
+        lambda: (
+            sum(1 for r in fake.requests if r.path.endswith(("/register_queue/", "/create_queue/"))) > registrations
+        ),
+        60,
+    )
+    assert wait_until(lambda: rabbit_admin.get_queue(subs[0].vhost, subs[0].queue_name).get("consumers", 0) >= 1, 60)
+    _resource, order = fake.order_new_resource(live.offering.uuid, slug="after-requeue")
+    live.publish(live.order_body(order["uuid"]))
+    assert wait_until(lambda: fake.order_state(order["uuid"]) == "done")

@@ -120,3 +120,19 @@ def test_watchdog_interval(
     else:
         monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() if pid == "self" else os.getpid() + 1))
     assert Notifier("/nonexistent").watchdog_interval() == expected
+
+
+def test_a_listener_that_never_reads_cannot_block_the_daemon(tmp_path: Path) -> None:
+    """systemd always reads; a stuck listener must cost a dropped notification, not a frozen main loop."""
+    import threading
+
+    path = tmp_path / "full.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        notifier = Notifier(str(path))
+        results: list[bool] = []
+        worker = threading.Thread(target=lambda: results.extend(notifier.watchdog() for _ in range(5000)))
+        worker.start()
+        worker.join(30)
+        assert not worker.is_alive()
+        assert results[0] is True and results[-1] is False
