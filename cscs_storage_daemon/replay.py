@@ -337,6 +337,7 @@ class Replayer:
         self._threads: list[threading.Thread] = []
         self._failure: BaseException | None = None
         self._aborting = False
+        self._done = False
         self._config_now: Config | None = None
         self._times: dict[int, datetime] = {}
         self._mono0 = 0.0
@@ -362,6 +363,7 @@ class Replayer:
         for header, records in sessions:
             self._run_session(_Session(header, records), state)
         summary.sessions = len(sessions)
+        self._done = True
         self._summarise()
         summary.seconds = time.perf_counter() - started
         return summary
@@ -750,6 +752,8 @@ class Replayer:
     # HTTP
 
     def http(self, method: str, path: str, body: bytes) -> Record:
+        if self._local.task is None and self._done:
+            return self._after_the_run(method, path)
         key = body_key(body)
 
         def matches(record: Record) -> bool:
@@ -765,6 +769,14 @@ class Replayer:
         record = self._point("http", matches, lambda: describe_request(method, path, body))
         self.summary.exchanges += 1
         return record
+
+    def _after_the_run(self, method: str, path: str) -> Record:
+        """Once the replay is over (`demo --serve` asking for the provider offering): the last recorded answer."""
+        for record in reversed(self._records):
+            if record.kind == "http" and record.data.get("method") == method and record.data.get("path") == path:
+                if "status" in record.data:
+                    return record
+        raise ReplayError(f"no recorded answer for {describe_request(method, path)}")
 
     def _on_retry(self, info: RetryInfo) -> None:
         """Before a retry: go on if the live run retried (its next record is the same request), else give up."""
