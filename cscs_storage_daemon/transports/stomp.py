@@ -599,6 +599,13 @@ class StompTransport(TransportHooks):
                 raise ConnectionError("SUBSCRIBE not confirmed within the connect timeout")
             # RabbitMQ answers a SUBSCRIBE to a missing queue with ERROR and then (still) the RECEIPT.
             if listener.errors or listener.closed or not conn.is_connected() or self._stopping:
+                if not listener.errors and not self._stopping:
+                    # Over Web-STOMP the ERROR frame can be lost with the closing socket: a connection the broker
+                    # accepted and then closed on SUBSCRIBE is most likely a missing queue. Registering again is
+                    # harmless if it was not.
+                    for sub in link.subs:
+                        _log.warning("broker.queue_missing", transport=self.name, destination=sub.destination)
+                        self._fire("on_queue_missing", sub.destination)
                 raise ConnectionError("; ".join(listener.errors) or "connection closed during SUBSCRIBE")
         except Exception as exc:
             with self._lock:
