@@ -8,6 +8,7 @@ SIGTERM/SIGINT drain and exit 0; SIGHUP reloads what can change live.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -342,7 +343,12 @@ def run_daemon(config: Config, *, record: str | None = None) -> int:
     daemon.install_signal_handlers()
     try:
         daemon.start()
-    except (WaldurError, OSError) as exc:
+    except ConfigError as exc:  # found only at start (an API token file that cannot be read, say)
+        print(f"configuration error: {exc}", file=sys.stderr)
+        log.error("daemon.start_failed", error=str(exc)[:500], reason="configuration")
+        daemon.shutdown()
+        return 78
+    except (WaldurError, OSError, ValueError) as exc:
         log.error("daemon.start_failed", error=str(exc)[:500])
         daemon.shutdown()
         return 1
