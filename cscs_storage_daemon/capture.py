@@ -13,6 +13,7 @@ line). Every record has ``v`` (the format version), ``seq`` (monotonic within th
 * ``task`` / ``done`` — the start and the end of one unit of work that is not an event: the start sequence, a
   reconciliation pass, an all.json regeneration, a re-registration;
 * ``mirror`` and ``lock`` — the order in which work running in parallel changed the mirror and took an order's lock;
+* ``ledger`` — an order's ledger row written by an earlier run, the first time this run looks it up;
 * ``write_error`` — a file write that failed; ``reload`` — a SIGHUP reload; ``end`` — a clean stop.
 
 Every record made while handling an event or a task carries ``task``: the ``seq`` of the event or task record it
@@ -33,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -45,6 +46,7 @@ import structlog
 from cscs_storage_daemon import __version__
 from cscs_storage_daemon.clock import Clock
 from cscs_storage_daemon.config import Config, render_effective_config
+from cscs_storage_daemon.ledger import Ledger, OrderRecord
 from cscs_storage_daemon.mirror import Change, OfferingMirror
 from cscs_storage_daemon.stamps import Stamps
 from cscs_storage_daemon.writer import OutputWriter
@@ -418,6 +420,9 @@ class CaptureWriter:
     def attach(self, core: Core) -> None:
         """Record what the core's parallel parts do (call right after `build_core`, before `fill`)."""
         gate_core(core, self)
+        ledger = RecordingLedger.wrap(core.ledger, self)
+        core.ledger = ledger
+        core.processor.ledger = ledger
         for offering in core.offerings:
             offering.writer = RecordingWriter.wrap(offering.writer, self, offering.slug)
         core.dispatcher.task_scope = self.event_scope
@@ -515,6 +520,34 @@ class RecordingWriter(OutputWriter):
                 }
             )
             raise
+
+
+class RecordingLedger(Ledger):
+    """The order ledger, recording each row that already existed when this run first looked at it (written by an
+    earlier run): a replay starts from an empty ledger and needs those rows to decide as the live run did. Rows this
+    run writes are not recorded — the replay writes them again."""
+
+    _recorder: CaptureWriter
+    _looked_at: set[str]
+    _seen_lock: threading.Lock
+
+    @classmethod
+    def wrap(cls, ledger: Ledger, recorder: CaptureWriter) -> RecordingLedger:
+        wrapped = cls.__new__(cls)
+        wrapped.__dict__.update(ledger.__dict__)
+        wrapped._recorder = recorder
+        wrapped._looked_at = set()
+        wrapped._seen_lock = threading.Lock()
+        return wrapped
+
+    def get(self, order_uuid: str) -> OrderRecord | None:
+        record = super().get(order_uuid)
+        with self._seen_lock:
+            first = order_uuid not in self._looked_at
+            self._looked_at.add(order_uuid)
+        if first and record is not None:
+            self._recorder._write({"kind": "ledger", **asdict(record)})
+        return record
 
 
 def _prepare_append(path: Path) -> int:

@@ -242,6 +242,7 @@ class _Task:
     finished: bool = False
     parked_at: int | None = None
     last: Record | None = None  # the last point it consumed
+    last_http: Record | None = None  # the last Waldur exchange it consumed
     error: BaseException | None = None
 
     def name(self) -> str:
@@ -396,6 +397,11 @@ class Replayer:
             rendered = header.data.get("config")
             if not isinstance(rendered, dict):
                 raise ReplayError(f"line {header.line}: the header holds no configuration")
+            # A replay serves nothing: the recorded `daemon.http` (its token file, its OIDC issuer) belongs to the
+            # machine of the live run, and would only make the configuration fail to load here.
+            recorded_daemon = rendered.get("daemon")
+            daemon_section: dict[str, Any] = dict(recorded_daemon) if isinstance(recorded_daemon, dict) else {}
+            rendered = {**rendered, "daemon": {**daemon_section, "http": {"enabled": False}}}
             try:
                 config = config_from_rendered(rendered, source=f"{self.capture_path}:{header.line}")
             except Exception as exc:
@@ -411,6 +417,7 @@ class Replayer:
         self._mono0 = float(session.header.data.get("mono") or 0.0)
         self._config_now = self._config(session.header, state)
         self.core = None
+        self._seed_ledger(session)
         if session.orphans:
             self.summary.warnings.append(
                 f"{session.orphans} record(s) after line {session.header.line} belong to no task and were skipped"
@@ -422,6 +429,37 @@ class Replayer:
         for task in session.tasks.values():
             if task.run == "event" and task.launch_at is None:
                 self.summary.not_handled += 1
+
+    def _seed_ledger(self, session: _Session) -> None:
+        """The ledger rows an earlier run had written, as the capture met them (`ledger` records): the live run
+        had them from its first moment, so the replay's ledger gets them before anything runs."""
+        ledger = self.ledger
+        for record in session.records:
+            if record.kind != "ledger":
+                continue
+            d = record.data
+            order_uuid = d.get("order_uuid")
+            if not isinstance(order_uuid, str) or ledger.get(order_uuid) is not None:
+                continue  # replayed already (an earlier run of the same capture wrote it)
+            order_type, offering = str(d.get("order_type") or ""), str(d.get("offering") or "")
+            if d.get("file_name"):
+                ledger.record_intent(
+                    order_uuid,
+                    order_type=order_type,
+                    offering=offering,
+                    resource_uuid=str(d.get("resource_uuid") or ""),
+                    file_name=str(d["file_name"]),
+                )
+            if d.get("written_at"):
+                ledger.record_written(order_uuid, at=str(d["written_at"]))
+            if d.get("completed_at"):
+                ledger.record_completed(
+                    order_uuid,
+                    order_type=order_type,
+                    offering=offering,
+                    outcome=str(d.get("outcome") or ""),
+                    at=str(d["completed_at"]),
+                )
 
     def _drive(self) -> None:
         records = self._records
@@ -722,12 +760,10 @@ class Replayer:
         task = self._current()
         if task.pos >= len(task.points):
             if task.done:
-                raise self._fail(
-                    ReplayError(
-                        f"replay diverged: {task.name()} asks for {what()}, but the live one finished without it "
-                        f"(its last record is line {self._last_line(task)})"
-                    )
-                )
+                ended = f"the live one finished without it (its last record is line {self._last_line(task)})"
+                if kind == "http":
+                    raise self._fail(ReplayError(f"no recorded answer for {what()} ({task.name()}): {ended}"))
+                raise self._fail(ReplayError(f"replay diverged: {task.name()} asks for {what()}, but {ended}"))
             raise CaptureEnded()
         index = task.points[task.pos]
         record = self._records[index]
@@ -751,10 +787,14 @@ class Replayer:
 
     def _mismatch(self, task: _Task, record: Record, kind: str, what: str) -> ReplayError:
         if kind == "http":
-            previous = task.last.line if task.last is not None else task.launch.line
+            previous = (
+                f"the previous exchange of that task is at line {task.last_http.line}"
+                if task.last_http is not None
+                else f"that task made no exchange before (it starts at line {task.launch.line})"
+            )
             return ReplayError(
-                f"no recorded answer for {what} ({task.name()}): the previous exchange of that task is at line "
-                f"{previous}, and the capture continues it at line {record.line} with {record.describe()}"
+                f"no recorded answer for {what} ({task.name()}): {previous}, and the capture continues it at "
+                f"line {record.line} with {record.describe()}"
             )
         return ReplayError(
             f"replay diverged at line {record.line}: {task.name()} did {what}, but the capture has "
@@ -780,6 +820,9 @@ class Replayer:
 
         record = self._point("http", matches, lambda: describe_request(method, path, body))
         self.summary.exchanges += 1
+        task = self._local.task
+        if task is not None:
+            task.last_http = record
         return record
 
     def _after_the_run(self, method: str, path: str) -> Record:

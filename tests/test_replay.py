@@ -116,8 +116,12 @@ class Recorded:
     def out(self) -> Path:
         return self.tmp / "out"
 
-    def start(self, config: Config | None = None) -> Daemon:
-        self.daemon = Daemon(config or load_config(self.config_path), record=str(self.capture), notifier=Notifier(None))
+    def start(self, config: Config | None = None, *, record: bool = True) -> Daemon:
+        self.daemon = Daemon(
+            config or load_config(self.config_path),
+            record=str(self.capture) if record else None,
+            notifier=Notifier(None),
+        )
         self.daemon.start()
         return self.daemon
 
@@ -553,3 +557,45 @@ def test_a_reconciliation_pass_stopped_by_sigterm_stops_at_the_same_order(record
     summary = replay(recorded.capture, tmp_path / "replayed")
     assert_same_files(recorded.out, tmp_path / "replayed")
     assert len(summary.order_files) == 1
+
+
+def test_ledger_rows_from_before_the_capture_decide_as_they_did_live(recorded: Recorded, tmp_path: Path) -> None:
+    """The daemon ran (unrecorded) before; recording starts after a restart and an old order is redelivered: the
+    live run skips it on its ledger row, and so must the replay, which starts from an empty ledger."""
+    fake, offering = recorded.fake, recorded.offerings[1]
+    recorded.start(record=False)
+    _resource, old = fake.order_new_resource(offering.uuid, slug="before-recording")
+    recorded.order(offering, old["uuid"])
+    recorded.stop()
+    before = output_files(recorded.out)
+    recorded.start()
+    recorded.order(offering, old["uuid"], "executing")  # redelivered: already done, no Waldur call, no file
+    _resource, new = fake.order_new_resource(offering.uuid, slug="while-recording")
+    recorded.order(offering, new["uuid"])
+    recorded.stop()
+    kinds = [r.kind for r in read_capture(recorded.capture).records]
+    assert kinds.count("ledger") == 1
+    summary = replay(recorded.capture, tmp_path / "replayed")
+    assert not summary.errors and not summary.incomplete
+    live, replayed = output_files(recorded.out), output_files(tmp_path / "replayed")
+    assert all(live[name] == data for name, data in replayed.items())  # every file the replay wrote, as live
+    orders_while_recording = {name for name in live if name not in before and "-all" not in name}
+    assert {name for name in replayed if "-all" not in name} == orders_while_recording
+    assert len(orders_while_recording) == 1 and new["uuid"] in orders_while_recording.pop()
+
+
+def test_a_capture_from_another_machine_replays_without_its_api_settings(story: Recorded, tmp_path: Path) -> None:
+    """The recorded `daemon.http` (a token file, an OIDC issuer) is the live machine's: the replay needs neither."""
+    lines = story.capture.read_text().splitlines(keepends=True)
+    header = json.loads(lines[0])
+    header["config"]["daemon"]["http"] = {
+        "enabled": True,
+        "listen": "0.0.0.0:8080",
+        "auth": "token",
+        "token_file": "/etc/cscs-storage-daemon/api-token-of-the-head-node",
+    }
+    lines[0] = json.dumps(header) + "\n"
+    moved = tmp_path / "from-the-head-node.jsonl"
+    moved.write_text("".join(lines))
+    replay(moved, tmp_path / "replayed")
+    assert_same_files(story.out, tmp_path / "replayed")
