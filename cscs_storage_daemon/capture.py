@@ -283,8 +283,14 @@ class CaptureWriter:
             for secret in self._secrets:
                 if secret in line:
                     line = line.replace(secret, MASK)
-            self._handle.write(line + b"\n")
-            self._handle.flush()
+            try:
+                self._handle.write(line + b"\n")
+                self._handle.flush()
+            except (OSError, ValueError) as exc:
+                # A capture must never take the daemon down (a full disk, say): stop recording, carry on.
+                self._closed = True
+                log.error("capture.write_failed", path=str(self.path), error=f"{type(exc).__name__}: {exc}")
+                return -1
             stats = self.stats
             stats.records += 1
             stats.by_kind[head["kind"]] = stats.by_kind.get(head["kind"], 0) + 1
@@ -294,12 +300,14 @@ class CaptureWriter:
         """Write the `end` record and close the file (later records are dropped)."""
         self._write({"kind": "end"}, task=False)
         with self._io:
-            if self._closed:
+            if self._handle.closed:
                 return
             self._closed = True
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
+                self._handle.flush()
                 os.fsync(self._handle.fileno())
-            self._handle.close()
+            with contextlib.suppress(OSError):
+                self._handle.close()
         log.info("capture.closed", path=str(self.path), records=self.stats.records)
 
     @property

@@ -292,3 +292,30 @@ def test_body_keys_ignore_volatile_fields_and_key_order() -> None:
     assert body_key(b"") == ""
     assert body_key(b'{"name": "y"}') != body_key(a)
     assert encode_body("é".encode()) == ("é", "utf-8")
+
+
+def test_a_capture_that_cannot_be_written_stops_recording_and_never_raises(tmp_path: Path) -> None:
+    path = tmp_path / "capture.jsonl"
+    writer = CaptureWriter.open(path, make_config(tmp_path))
+
+    class FullDisk:
+        closed = False
+
+        def write(self, _data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        def flush(self) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return -1
+
+        def close(self) -> None:
+            self.closed = True
+
+    writer._handle = FullDisk()
+    handled: list[Delivery] = []
+    writer.wrap_delivery(handled.append)(delivery(b"{}"))  # recorded nothing, handed on all the same
+    assert handled and writer.record_event(delivery(b"{}")) == -1
+    writer.close()
+    assert [r["kind"] for r in read(path)] == ["header"]
