@@ -599,3 +599,34 @@ def test_a_capture_from_another_machine_replays_without_its_api_settings(story: 
     moved.write_text("".join(lines))
     replay(moved, tmp_path / "replayed")
     assert_same_files(story.out, tmp_path / "replayed")
+
+
+def test_legacy_event_mode_replays_too(recorded: Recorded, tmp_path: Path) -> None:
+    """One queue per object type; the object type comes from the queue name, the body may lack it."""
+    data = yaml.safe_load(recorded.config_path.read_text())
+    data["daemon"]["event_mode"] = "legacy"
+    recorded.config_path.write_text(yaml.safe_dump(data))
+    daemon = recorded.start()
+    fake, offering = recorded.fake, recorded.offerings[0]
+    queues = {sub.object_type: sub for sub in daemon.subscriptions[offering.slug]}
+    assert set(queues) == {"order", "resource", "offering_resources_sync"}
+    assert recorded.submit is not None
+    resource, order = fake.order_new_resource(offering.uuid, slug="legacy-store")
+    recorded.orders.append(order["uuid"])
+    for object_type, body in (
+        ("order", {"order_uuid": order["uuid"], "order_state": "pending-provider"}),
+        ("resource", {"resource_uuid": resource["uuid"]}),
+    ):
+        recorded.submit(
+            Delivery(
+                transport="test",
+                destination=queues[object_type].destination,
+                headers={"message-id": object_type},
+                body=json.dumps(body).encode(),
+            )
+        )
+        recorded.settle()
+    recorded.stop()
+    summary = replay(recorded.capture, tmp_path / "replayed")
+    assert_same_files(recorded.out, tmp_path / "replayed")
+    assert summary.events == {"order": 1, "resource": 1}
