@@ -182,6 +182,11 @@ class Processor:
             current = gateway.get_order(order_uuid)
             state = current.get("state")
         if state != "executing":
+            if state == "done" and record is not None and record.written and not record.completed:
+                # Interrupted between Waldur's `done` and the ledger's: only the ledger's step is left.
+                self._completed(offering, order_uuid, record.order_type, "done")
+                log.info("order.completion_recorded")
+                return OrderOutcome("done", record.order_type, record.file_name)
             log.info("order.not_executing", state=str(state)[:40])
             return OrderOutcome("skipped")
         return self._execute(offering, order_uuid, current)

@@ -332,6 +332,9 @@ def test_a_burst_of_changes_gives_a_few_writes(tmp_path: Path) -> None:
             return bool(newest["result"]["storageResources"] == offering.mirror.storage_objects())
 
         wait_for(settled_on_the_final_content)
+        # The file is in place a moment before the scheduler counts it: wait for the count too.
+        wait_for(lambda: scheduler.writes > before)
+        time.sleep(0.5)
         settled = scheduler.writes
         burst_writes = settled - before
         assert 1 <= burst_writes <= 3
