@@ -17,8 +17,9 @@ Not a test (never run in CI): it prints figures. What runs:
   for ``removed_retention``, 600 s here);
 * with ``--faults on``, at random (exponential gaps): every broker connection of the vhost closed
   (``rabbitmqctl close_all_connections``, mean gap 60 s), Waldur answering 5xx on half of its calls for 5-20 s
-  (mean gap 90 s), and the daemon SIGKILLed and restarted (mean gap 240 s; only in the first half, so the second
-  half is one process whose memory slope is measured cleanly - the pooled slope over every run is printed too);
+  (mean gap 90 s), and the daemon SIGKILLed and restarted (the first time between 5 % and 20 % of the run,
+  then at a mean gap of 240 s, only in the first quarter: the second half is then one process at least a quarter
+  of the run old, whose memory slope is the figure - the pooled slope over every run is printed too);
 * a sampler reading the daemon's VmRSS, threads and open file descriptors from /proc every ``--sample`` seconds,
   and an API poller (/healthz and a page of /api/storage-resources/ every 5 s).
 
@@ -117,26 +118,33 @@ def pooled_slope(groups: Sequence[Sequence[tuple[float, float]]]) -> float | Non
 
 
 def rss_growth(samples: Sequence[Sample], start: float, starts: dict[int, float]) -> dict[str, Any]:
-    """RSS growth in MB/hour over samples with t >= start, each run past its warm-up; also the longest run's."""
+    """RSS growth in MB/hour from the samples at t >= `start`, each run past its warm-up: the slope shared by the
+    runs in the window, the slope of the longest one, and that run's slope over the last half of the window (with
+    `start` at half-time: the last quarter of the soak), which tells a leak (steady) from a warm-up (fading)."""
     groups: dict[int, list[tuple[float, float]]] = collections.defaultdict(list)
-    for s in samples:
-        if s.t >= start and s.t >= starts.get(s.pid, 0.0) + WARM_UP:
-            groups[s.pid].append((s.t, s.rss_kb / 1024.0))
-    pooled = pooled_slope(list(groups.values()))
-    longest = max(groups.values(), key=len, default=[])
-    single = pooled_slope([longest])
     fd_groups: dict[int, list[tuple[float, float]]] = collections.defaultdict(list)
     for s in samples:
         if s.t >= start and s.t >= starts.get(s.pid, 0.0) + WARM_UP:
+            groups[s.pid].append((s.t, s.rss_kb / 1024.0))
             fd_groups[s.pid].append((s.t, float(s.fds)))
+    pooled = pooled_slope(list(groups.values()))
+    longest = max(groups.values(), key=len, default=[])
+    single = pooled_slope([longest])
+    end = samples[-1].t if samples else start
+    tail = pooled_slope([[p for p in longest if p[0] >= start + (end - start) / 2]])
     fd_slope = pooled_slope(list(fd_groups.values()))
+
+    def per_hour(slope: float | None) -> float | None:
+        return None if slope is None else slope * 3600
+
     return {
-        "pooled_mb_per_hour": None if pooled is None else pooled * 3600,
-        "longest_run_mb_per_hour": None if single is None else single * 3600,
+        "pooled_mb_per_hour": per_hour(pooled),
+        "longest_run_mb_per_hour": per_hour(single),
+        "longest_run_last_half_mb_per_hour": per_hour(tail),
         "longest_run_minutes": (longest[-1][0] - longest[0][0]) / 60 if len(longest) > 1 else 0.0,
         "runs_in_window": len(groups),
         "points": sum(len(g) for g in groups.values()),
-        "fds_per_hour": None if fd_slope is None else fd_slope * 3600,
+        "fds_per_hour": per_hour(fd_slope),
     }
 
 
@@ -334,11 +342,12 @@ class Soak:
 
     def faults(self, until: float) -> None:
         rng = random.Random(self.rng.random())
-        half = self.args.duration / 2
+        kills_until = self.args.duration / 4  # then one process to the end: its memory slope is the figure
         due = {
             "connections": self.now() + rng.expovariate(1 / 60) * self.args.fault_scale,
             "waldur_5xx": self.now() + rng.expovariate(1 / 90) * self.args.fault_scale,
-            "sigkill": self.now() + (30 + rng.expovariate(1 / 240)) * self.args.fault_scale,
+            # the first one surely (between 5 % and 20 % of the run), more at random until a quarter of it
+            "sigkill": self.now() + rng.uniform(0.05, 0.2) * self.args.duration,
         }
         while not self.stop.wait(0.5) and self.now() < until:
             now = self.now()
@@ -363,7 +372,7 @@ class Soak:
                     self.harness.fake.clear_faults()
                     due[kind] = self.now() + rng.expovariate(1 / 90) * self.args.fault_scale
                 elif kind == "sigkill":
-                    if now > half:
+                    if now > kills_until:
                         del due[kind]
                         continue
                     self.note("fault: daemon SIGKILLed")
@@ -502,6 +511,9 @@ def report(soak: Soak, final_exit: int | None, elapsed_load: float) -> dict[str,
         "threads_last": soak.samples[-1].threads if soak.samples else None,
         "fds_last": soak.samples[-1].fds if soak.samples else None,
         "samples": len(soak.samples),
+        "rss_samples": [(round(s.t, 1), s.pid, s.rss_kb, s.threads, s.fds) for s in soak.samples],
+        "run_starts": soak.run_starts,
+        "fault_log": soak.fault_log,
     }
     return figures
 
@@ -541,7 +553,8 @@ def print_report(figures: dict[str, Any]) -> None:
         else "RSS              no samples",
         f"RSS growth       {mb(g['longest_run_mb_per_hour'])} over the second half "
         f"({g['longest_run_minutes']:.1f} min of one run); pooled over {g['runs_in_window']} run(s): "
-        f"{mb(g['pooled_mb_per_hour'])}; fds {g['fds_per_hour'] and round(g['fds_per_hour'], 2)}/h, "
+        f"{mb(g['pooled_mb_per_hour'])}; last quarter {mb(g['longest_run_last_half_mb_per_hour'])}; "
+        f"fds {g['fds_per_hour'] and round(g['fds_per_hour'], 2)}/h, "
         f"threads {figures['threads_last']}, fds {figures['fds_last']}",
         "=" * 78,
     ]
