@@ -43,11 +43,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("cscs_storage_daemon.daemon")
 
 
-def retry_policy(config: Config) -> RetryPolicy:
-    r = config.daemon.retry
-    return RetryPolicy(attempts=r.attempts, max_wait=r.max_wait, total=r.total)
-
-
 def _warn(event: str, fields: dict[str, Any]) -> None:
     log.warning(event, **fields)
 
@@ -126,7 +121,7 @@ def build_core(
     for offering_config in config.offerings:
         runtime = open_offering(
             offering_config,
-            retry=retry or retry_policy(config),
+            retry=retry or config.daemon.retry.policy(),
             timeout=settings.retry.timeout,
             removed_retention=settings.removed_retention,
             transport=http_transport_for(offering_config) if http_transport_for is not None else http_transport,

@@ -17,7 +17,6 @@ from cscs_storage_daemon.config import Config
 from cscs_storage_daemon.envelope import render, snapshot_envelope, snapshot_file_name
 from cscs_storage_daemon.events import normalise_uuid
 from cscs_storage_daemon.gateway import WaldurError
-from cscs_storage_daemon.retry import RetryPolicy
 from cscs_storage_daemon.runtime import open_offering
 
 log = structlog.get_logger("cscs_storage_daemon.sync")
@@ -33,11 +32,6 @@ class SyncReport:
     invalid: list[str] = field(default_factory=list)
     file: str | None = None
     error: str | None = None
-
-
-def retry_policy(config: Config) -> RetryPolicy:
-    r = config.daemon.retry
-    return RetryPolicy(attempts=r.attempts, max_wait=r.max_wait, total=r.total)
 
 
 def _warn(event: str, fields: dict[str, object]) -> None:
@@ -68,7 +62,7 @@ def run_sync(
         reports.append(report)
         try:
             runtime = open_offering(
-                offering_config, retry=retry_policy(config), timeout=config.daemon.retry.timeout, warn=_warn
+                offering_config, retry=config.daemon.retry.policy(), timeout=config.daemon.retry.timeout, warn=_warn
             )
         except (WaldurError, ValueError) as exc:
             report.error = str(exc)
