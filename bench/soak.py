@@ -436,7 +436,7 @@ def build(args: argparse.Namespace, root: Path, brokers: Brokers) -> Harness:
         output_root=out,
         state_dir=state,
         daemon_settings=settings,
-        daemon=DaemonProcess(config_path, root / "logs", env={TOKEN_ENV: token}),
+        daemon=DaemonProcess(config_path, root / "logs", env={TOKEN_ENV: token, **dict(args.env or [])}),
         publisher=WaldurPublisher(fake, brokers, give_up_after=180.0),
     )
 
@@ -574,6 +574,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sample", type=float, default=3.0, help="seconds between RSS samples (default 3)")
     parser.add_argument("--fault-scale", type=float, default=1.0, help="multiplies the mean gaps between faults")
     parser.add_argument("--drain", type=float, default=600.0, help="seconds allowed to finish after the load")
+    parser.add_argument(
+        "--env",
+        type=lambda text: tuple(text.split("=", 1)),
+        action="append",
+        metavar="NAME=VALUE",
+        help="an environment variable for the daemon (e.g. MALLOC_ARENA_MAX=2); repeatable",
+    )
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary directory)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
