@@ -175,12 +175,15 @@ class Processor:
                 return OrderOutcome("waiting")
             try:
                 gateway.approve_order(order_uuid)
-                log.info("order.approved")
             except WaldurRejected as exc:
                 if exc.status != 409:  # 409: someone else moved it on; read where it is now
                     raise
-            current = gateway.get_order(order_uuid)
-            state = current.get("state")
+                current = gateway.get_order(order_uuid)
+                state = current.get("state")
+            else:
+                # Waldur answers 200 only for pending-provider → executing; the rest of the order is unchanged.
+                log.info("order.approved")
+                state = "executing"
         if state != "executing":
             if state == "done" and record is not None and record.written and not record.completed:
                 # Interrupted between Waldur's `done` and the ledger's: only the ledger's step is left.

@@ -109,12 +109,17 @@ def parse_retry_after(value: str | None) -> float | None:
     return seconds
 
 
+#: The jitter's source when none is given: one generator for the process (seeding one per call costs more than the
+#: call it would serve).
+_JITTER = random.Random()
+
+
 class _FullJitterWait:
     """``random(0, min(initial * 2**(n-1), max_wait))``, raised to ``Retry-After`` when the server sent one."""
 
     def __init__(self, policy: RetryPolicy, rng: random.Random | None) -> None:
         self._policy = policy
-        self._rng = rng or random.Random()
+        self._rng = rng or _JITTER
 
     def __call__(self, state: RetryCallState) -> float:
         policy = self._policy
@@ -137,8 +142,13 @@ def build_retrying(
     on_retry: OnRetry | None = None,
     sleep: Callable[[float], None] = time.sleep,
     rng: random.Random | None = None,
+    elapsed: float = 0.0,
 ) -> Retrying:
-    """A tenacity `Retrying` for one Waldur call; the last exception is re-raised when it gives up."""
+    """A tenacity `Retrying` for one Waldur call; the last exception is re-raised when it gives up.
+
+    ``elapsed``: seconds the call already took before this `Retrying` started (a first attempt made without it);
+    they count against ``policy.total``.
+    """
 
     def before_sleep(state: RetryCallState) -> None:
         outcome = state.outcome
@@ -168,7 +178,7 @@ def build_retrying(
                 log.error("waldur.retry_hook_failed", error=type(exc).__name__)
 
     return Retrying(
-        stop=stop_after_attempt(policy.attempts) | stop_before_delay(policy.total),
+        stop=stop_after_attempt(policy.attempts) | stop_before_delay(max(policy.total - elapsed, 0.0)),
         wait=_FullJitterWait(policy, rng),
         retry=retry_if_exception(is_transient),
         before_sleep=before_sleep,

@@ -389,6 +389,35 @@ def test_timeout_with_a_hanging_server(fake_waldur: FakeWaldur, waldur_gateway_f
     assert gateway.get_offering(offering.uuid)["slug"] == "capstor"
 
 
+def test_the_first_attempt_counts_against_the_total_time(
+    fake_waldur: FakeWaldur, waldur_gateway_factory: GatewayFactory
+) -> None:
+    # The first try runs before the retry machinery exists: its 0.3 s still count, so with `total` 0.25 s no
+    # second try may start, although attempts would allow five.
+    offering = fake_waldur.add_offering(slug="capstor")
+    fake_waldur.set_faults(hang_seconds=10.0)
+    gateway = waldur_gateway_factory(timeout=0.3, retry=RetryPolicy(attempts=5, max_wait=0.01, total=0.25))
+    fake_waldur.fail_next("hang", "hang")
+    with pytest.raises(WaldurUnavailable, match=r"gave up after 1 attempt\)"):
+        gateway.get_offering(offering.uuid)
+    assert [r.fault for r in fake_waldur.requests] == ["hang"]
+
+
+def test_the_request_is_sent_as_the_client_builds_it(fake_waldur: FakeWaldur, waldur_gateway: WaldurGateway) -> None:
+    # Straight to the transport, no httpx.Client: the token, the agent, the query and the JSON body still arrive.
+    offering_uuid = offering_with(fake_waldur, 3)
+    order = fake_waldur.create_order(waldur_gateway.list_resources(offering_uuid)[0]["uuid"], "Update")
+    waldur_gateway.list_orders(offering_uuid, ["pending-provider", "executing"])
+    waldur_gateway.set_order_erred(order["uuid"], "quota ünavailable")
+    # The fake answers 401 without `Authorization: Token …` and 415 for a body that is not declared JSON.
+    listing, erred = fake_waldur.requests[-2], fake_waldur.requests[-1]
+    assert listing.status == 200 and erred.status == 200
+    assert listing.query["state"] == ["pending-provider", "executing"]
+    assert listing.query["offering_uuid"] == [offering_uuid.replace("-", "")]
+    assert erred.body == {"error_message": "quota ünavailable"}
+    assert fake_waldur.order_state(order["uuid"]) == "erred"
+
+
 def test_unreachable_server(waldur_gateway_factory: GatewayFactory) -> None:
     with FakeWaldur() as fake:  # bound and stopped: its port is now closed
         url = fake.url
