@@ -5,20 +5,23 @@ Resources are read as plain JSON (never through a client model), so an unexpecte
 invalid (:class:`InvalidResource`, naming the resource and the field) instead of failing a whole batch.
 
 The hot path (:func:`map_resource`) is kept lean for 100 000-resource feeds: what depends only on the settings, the
-offering or the data type (the storageSystem / storageFileSystem / storageDataType rows, data-type checks, project
-GIDs) is computed once and cached; per resource there are dictionary look-ups, cheap string checks and the two
-hashes of a generated target item. Every call returns fresh objects (nothing is shared between results), so a
-caller may keep or change a result freely.
+offering, the data type, the permission or the quota values (the storageSystem / storageFileSystem /
+storageDataType / permission objects, the quota list, a user's primaryProject, data-type checks) is built once
+and *shared* by every result with that value; per resource there are dictionary look-ups, cheap string checks,
+the two hashes of a generated target item and four new dicts (the result, its mountPoint, target and target
+item). A caller may keep a result or set its top-level keys, but must not change its nested objects in place.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import reprlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any, Final, NoReturn
 
 from cscs_storage_daemon.numbers import (
@@ -38,6 +41,7 @@ __all__ = [
     "apply_order_changes",
     "deterministic_uuid",
     "effective_data_type",
+    "gc_paused",
     "map_resource",
     "status_of",
     "target_type_of",
@@ -66,6 +70,7 @@ _TARGET_TYPE: Final[dict[str, str]] = {
 _REQUIRED_STRINGS: Final = ("uuid", "slug", "offering_slug", "customer_slug", "project_slug")
 _SEGMENT_FIELDS: Final = ("slug", "offering_slug", "customer_slug", "project_slug")
 _EMPTY: Final[Mapping[str, Any]] = {}
+_LOWER_HEX_DIGITS: Final = "0123456789abcdef"
 #: every valid permission: exactly 3-4 characters 0-7 (4 608 strings; a set look-up beats any string check)
 _OCTAL_PERMISSIONS: Final = frozenset(
     "".join(digits) for width in (3, 4) for digits in itertools.product("01234567", repeat=width)
@@ -231,31 +236,66 @@ def _path_segment_problem(text: str) -> str | None:
     return None
 
 
-@lru_cache(maxsize=4096)
-def _named_row(scope: str, value: str) -> tuple[str, str, str]:
-    """``(itemId, key, name)`` of a storageSystem / storageFileSystem / storageDataType object."""
-    return deterministic_uuid(scope, value), value.lower(), value.upper()
+# Sub-objects that depend only on a value (an offering slug, a file system, a data type, a permission, the four
+# quota values) are built once and shared by every result that has that value: most of a storage object, and
+# what keeps 100 000 of them small and quick to build. Nothing may modify a result's nested objects in place.
+
+
+def _named_object(scope: str, value: str) -> dict[str, Any]:
+    return {"itemId": deterministic_uuid(scope, value), "key": value.lower(), "name": value.upper(), "active": True}
+
+
+@lru_cache(maxsize=4096)  # one argument: the cache's fast path
+def _system_object(offering_slug: str) -> dict[str, Any]:
+    """The shared storageSystem object of an offering."""
+    return _named_object("storage_system", offering_slug)
+
+
+@lru_cache(maxsize=256)
+def _file_system_object(storage_file_system: str) -> dict[str, Any]:
+    """The shared storageFileSystem object of a file system."""
+    return _named_object("storage_file_system", storage_file_system)
 
 
 @lru_cache(maxsize=1024)
-def _data_type_info(data_type: str) -> tuple[str | None, str, str | None, str, str]:
-    """``(problem, lower, target type or None when unknown, itemId, name)`` of a raw storage data type."""
+def _data_type_info(data_type: str) -> tuple[str | None, str, str | None, dict[str, Any]]:
+    """``(problem, lower, target type or None when unknown, shared storageDataType object)`` of a raw data type."""
     problem = _path_segment_problem(data_type)
     if problem is not None:
-        return problem, "", None, "", ""
+        return problem, "", None, {}
     lower = data_type.lower()
-    return (
-        problem,
-        lower,
-        _TARGET_TYPE.get(lower),
-        deterministic_uuid("storage_data_type", data_type),
-        data_type.upper(),
-    )
+    item = {
+        "itemId": deterministic_uuid("storage_data_type", data_type),
+        "key": lower,
+        "name": data_type.upper(),
+        "path": lower,
+        "active": True,
+    }
+    return problem, lower, _TARGET_TYPE.get(lower), item
+
+
+@cache  # bounded: called with valid permissions only (4 608 of them)
+def _permission_object(permission: str) -> dict[str, Any]:
+    return {"permissionType": "octal", "value": permission}
+
+
+def _quotas(soft_space: float, hard_space: float, soft_inodes: float, hard_inodes: float) -> list[dict[str, Any]]:
+    return [
+        {"type": "space", "quota": soft_space, "unit": "tera", "enforcementType": "soft"},
+        {"type": "space", "quota": hard_space, "unit": "tera", "enforcementType": "hard"},
+        {"type": "inodes", "quota": soft_inodes, "unit": "none", "enforcementType": "soft"},
+        {"type": "inodes", "quota": hard_inodes, "unit": "none", "enforcementType": "hard"},
+    ]
+
+
+#: Shared quota lists of positive space values (a float key cannot tell -0.0 from 0.0; inodes are never -0.0).
+_shared_quotas: Final = lru_cache(maxsize=4096)(_quotas)
 
 
 @lru_cache(maxsize=65536)
-def _project_gid(project_slug: str) -> int:
-    return unix_gid(project_slug)
+def _primary_project(project_slug: str) -> dict[str, Any]:
+    """The shared ``primaryProject`` of a generated user item."""
+    return {"name": project_slug, "unixGid": unix_gid(project_slug), "active": True}
 
 
 class _NotJson(Exception):
@@ -368,7 +408,9 @@ def map_resource(
         and project_slug
     ):
         _raise_required_strings(resource)
-    if len(raw_uuid) == 32 and not raw_uuid.strip(HEX_DIGITS):
+    if len(raw_uuid) == 32 and not raw_uuid.strip(_LOWER_HEX_DIGITS):
+        item_id = raw_uuid  # already normal: no copy
+    elif len(raw_uuid) == 32 and not raw_uuid.strip(HEX_DIGITS):
         item_id = raw_uuid.lower()
     else:
         checked = uuid_hex(raw_uuid)
@@ -405,7 +447,7 @@ def map_resource(
             "attributes.storage_data_type",
             f"storage_data_type must be a string or null, got {type(data_type).__name__} {_show(data_type)}",
         )
-    problem, data_type_lower, target_type, type_id, type_name = _data_type_info(data_type)
+    problem, data_type_lower, target_type, data_type_object = _data_type_info(data_type)
     if problem is not None:
         raise InvalidResource(
             raw_uuid, "attributes.storage_data_type", f"storage_data_type {_show(data_type)} {problem}"
@@ -482,13 +524,10 @@ def map_resource(
             hard_inodes = override
 
     quotas: list[dict[str, Any]] | None
-    if soft_space > 0 or hard_space > 0:
-        quotas = [
-            {"type": "space", "quota": soft_space, "unit": "tera", "enforcementType": "soft"},
-            {"type": "space", "quota": hard_space, "unit": "tera", "enforcementType": "hard"},
-            {"type": "inodes", "quota": soft_inodes, "unit": "none", "enforcementType": "soft"},
-            {"type": "inodes", "quota": hard_inodes, "unit": "none", "enforcementType": "hard"},
-        ]
+    if soft_space > 0 and hard_space > 0:
+        quotas = _shared_quotas(soft_space, hard_space, soft_inodes, hard_inodes)
+    elif soft_space > 0 or hard_space > 0:
+        quotas = _quotas(soft_space, hard_space, soft_inodes, hard_inodes)
     else:
         quotas = None
 
@@ -518,29 +557,21 @@ def map_resource(
                 "status": "active",
                 "email": f"user-{slug}@example.com",
                 "unixUid": unix_uid(slug),
-                "primaryProject": {"name": project_slug, "unixGid": _project_gid(project_slug), "active": True},
+                "primaryProject": _primary_project(project_slug),
                 "active": True,
             }
 
-    system_id, system_key, system_name = _named_row("storage_system", offering_slug)
-    fs_id, fs_key, fs_name = _named_row("storage_file_system", settings.storage_file_system)
     state = resource.get("state")
     return {
         "itemId": item_id,
         "status": _STATUS.get(state, "pending") if type(state) is str else "pending",
         "mountPoint": {"default": f"/{offering_slug}/{data_type_lower}/{customer_slug}/{project_slug}/{slug}"},
-        "permission": {"permissionType": "octal", "value": permission},
+        "permission": _permission_object(permission),
         "quotas": quotas,
         "target": {"targetType": target_type, "targetItem": target_item},
-        "storageSystem": {"itemId": system_id, "key": system_key, "name": system_name, "active": True},
-        "storageFileSystem": {"itemId": fs_id, "key": fs_key, "name": fs_name, "active": True},
-        "storageDataType": {
-            "itemId": type_id,
-            "key": data_type_lower,
-            "name": type_name,
-            "path": data_type_lower,
-            "active": True,
-        },
+        "storageSystem": _system_object(offering_slug),
+        "storageFileSystem": _file_system_object(settings.storage_file_system),
+        "storageDataType": data_type_object,
         "parentItemId": None,
     }
 
@@ -629,6 +660,26 @@ def _metadata_item(
             )
         return None
     return copied
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Around mapping a whole listing (100 000 resources): the cyclic GC paused meanwhile.
+
+    The storage objects and mirror entries of a batch all survive it, and contain no reference cycles: collecting
+    while they are built walks them again and again for nothing, and a full collection over everything the process
+    holds falls in the middle of the batch. Paused, they are collected once afterwards, at the collector's pace.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # ------------------------------------------------------------------------------------------------ order files

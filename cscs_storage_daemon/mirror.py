@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cscs_storage_daemon.mapping import InvalidResource, MappingSettings, map_resource, uuid_hex
+from cscs_storage_daemon.mapping import InvalidResource, MappingSettings, gc_paused, map_resource, uuid_hex
 
 Warn = Callable[[str, dict[str, Any]], None]
 
@@ -123,7 +123,8 @@ class OfferingMirror:
 
     def replace_all(self, raws: Iterable[Mapping[str, Any]]) -> list[Change]:
         """A full listing from Waldur: apply each, drop what Waldur no longer lists."""
-        changes = [self.apply(raw) for raw in raws]
+        with gc_paused():  # a whole listing: 100 000 storage objects and entries that all survive
+            changes = [self.apply(raw) for raw in raws]
         seen = {change.uuid for change in changes}
         with self._lock:
             self._expired &= seen  # tombstones only for what Waldur still lists

@@ -10,13 +10,13 @@ models of waldur-api-client 8.1.3.
 
 from __future__ import annotations
 
-import gc
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+
+from cscs_storage_daemon.mapping import gc_paused
 
 if TYPE_CHECKING:
     from cscs_storage_daemon.testing.fake_waldur import FakeWaldur
@@ -621,18 +621,6 @@ def generate_resources(
     offering = offering or offering_for("capstor", seed=seed)
     with gc_paused():
         return list(SampleData(seed=seed, base_url=base_url).resources(offering, n))
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Building 100 000 dicts triggers the cyclic GC hundreds of times for nothing: pause it meanwhile."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 @dataclass
