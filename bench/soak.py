@@ -7,7 +7,9 @@ Not a test (never run in CI): it prints figures. What runs:
 * a fake Waldur in this process (real HTTP on loopback) that provisions the local RabbitMQ like Mastermind, two
   offerings (``capstor``, ``vast``) with ``--resources`` live resources each;
 * the daemon, ``python -m cscs_storage_daemon.cli run`` (tests/fixtures/daemon_process.py's `DaemonProcess`), with
-  its HTTP API on, JSON logs to files, the token only in its environment;
+  its HTTP API on, JSON logs to files, the token only in its environment, and the ``Environment=`` of
+  systemd/cscs-storage-daemon.service (as deployed: ``MALLOC_ARENA_MAX``; ``--env NAME=VALUE`` adds or overrides,
+  ``--no-unit-env`` leaves the unit's out);
 * a load generator at ``--rate`` events per second, published as Mastermind publishes (one STOMP connection per
   message): 85 % new orders - Update of a live resource, Create of a new one and Terminate of an old one, balanced
   so the number of live resources stays put (a steady state: memory growth then means a leak, not more data) -
@@ -39,6 +41,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -72,6 +75,19 @@ from tests.fixtures.daemon_process import (  # noqa: E402
 )
 
 WARM_UP = 60.0  # seconds after each start left out of the RSS regression (imports, first fill, caches)
+UNIT = ROOT / "systemd" / "cscs-storage-daemon.service"
+
+
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The ``Environment=`` assignments of the systemd unit: the daemon is measured as it is deployed."""
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        key, _, value = line.strip().partition("=")
+        if key == "Environment":
+            for item in shlex.split(value):
+                name, _, text = item.partition("=")
+                env[name] = text
+    return env
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -436,9 +452,14 @@ def build(args: argparse.Namespace, root: Path, brokers: Brokers) -> Harness:
         output_root=out,
         state_dir=state,
         daemon_settings=settings,
-        daemon=DaemonProcess(config_path, root / "logs", env={TOKEN_ENV: token, **dict(args.env or [])}),
+        daemon=DaemonProcess(config_path, root / "logs", env={TOKEN_ENV: token, **daemon_environment(args)}),
         publisher=WaldurPublisher(fake, brokers, give_up_after=180.0),
     )
+
+
+def daemon_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The unit's ``Environment=`` (unless --no-unit-env), then each --env."""
+    return {**({} if args.no_unit_env else unit_environment()), **dict(args.env or [])}
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 1.0) -> bool:
@@ -479,6 +500,7 @@ def report(soak: Soak, final_exit: int | None, elapsed_load: float) -> dict[str,
         "rate_target": soak.args.rate,
         "rate_achieved": soak.counts["events_generated"] / max(elapsed_load, 1e-9),
         "faults": soak.args.faults,
+        "daemon_env": {k: v for k, v in daemon_environment(soak.args).items() if k != TOKEN_ENV},
         "orders_sent": len(orders),
         "orders_by_type": dict(collections.Counter(o.type for o in orders)),
         "orders_written": written,
@@ -528,7 +550,7 @@ def print_report(figures: dict[str, Any]) -> None:
         "",
         "=" * 78,
         f"soak: {figures['duration_s']:.0f} s at {figures['rate_target']:g} events/s "
-        f"(achieved {figures['rate_achieved']:.1f}/s), faults {figures['faults']}",
+        f"(achieved {figures['rate_achieved']:.1f}/s), faults {figures['faults']}, env {figures['daemon_env']}",
         "-" * 78,
         f"orders sent      {figures['orders_sent']:>8}   {figures['orders_by_type']}",
         f"orders written   {figures['orders_written']:>8}   (at least one order file)",
@@ -579,7 +601,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=lambda text: tuple(text.split("=", 1)),
         action="append",
         metavar="NAME=VALUE",
-        help="an environment variable for the daemon (e.g. MALLOC_ARENA_MAX=2); repeatable",
+        help="an environment variable for the daemon (e.g. MALLOC_ARENA_MAX=2), over the unit's; repeatable",
+    )
+    parser.add_argument(
+        "--no-unit-env",
+        action="store_true",
+        help="do not give the daemon the Environment= of systemd/cscs-storage-daemon.service",
     )
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary directory)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
