@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from itertools import chain
 from typing import Any, Literal
@@ -87,18 +87,64 @@ def is_snapshot_file_name(name: str) -> bool:
 def render(document: dict[str, Any]) -> bytes:
     """UTF-8, 2-space indent, non-ASCII kept literally, newline at the end.
 
-    The bytes are those of `json.dumps(indent=2, ensure_ascii=False, allow_nan=False)` plus a newline. orjson
-    writes them about 20 times faster (the standard library falls back to its pure-Python encoder whenever `indent`
-    is set: 6-8 s for 100 000 resources) for envelopes of storage objects as `map_resource` makes them (see
-    `_orjson_writes_the_same`); anything else, and values orjson refuses (integers past 64 bits, say), take the
-    standard path, which also refuses NaN.
+    The bytes are those of `json.dumps(indent=2, ensure_ascii=False, allow_nan=False)` plus a newline: the pieces
+    of `render_pieces` joined. A big all.json is better streamed piece by piece (`OutputWriter.write` takes them).
     """
-    if _orjson_writes_the_same(document):
-        try:
-            return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
-        except TypeError:
-            pass
-    return (json.dumps(document, ensure_ascii=False, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    return b"".join(render_pieces(document))
+
+
+#: Resources per piece of a rendered all.json: ~2 MB of output, so the whole never has to be in memory at once.
+PIECE_RESOURCES = 1000
+_RESOURCES_KEY = b'"storageResources": []'
+# A piece is rendered inside two one-key objects, the depth of storageResources in the envelope
+# (document → result → storageResources), so each line gets the indentation it has in the whole document; what
+# lies between the list's "[" and its closing line is then cut out of it.
+_WRAP_HEAD = len(b'{\n  "": {\n    "": [')
+_WRAP_TAIL = len(b"\n    ]\n  }\n}")
+_CLOSE_LIST = b"\n    ]"
+
+
+def render_pieces(document: dict[str, Any]) -> Iterator[bytes | memoryview]:
+    """`render(document)` in pieces of at most `PIECE_RESOURCES` storage resources each (bytes-like objects).
+
+    The envelope around the resources is written by the standard library (it is small); the resources by orjson,
+    about 20 times faster than the standard library (which falls back to its pure-Python encoder whenever `indent`
+    is set: 6-8 s for 100 000 resources), for pieces where orjson's bytes are the same: storage objects as
+    `map_resource` makes them (see `_orjson_writes_the_same`). Other pieces, and values orjson refuses (integers
+    past 64 bits, say), take the standard path, which refuses NaN (`ValueError`) and lone surrogates
+    (`UnicodeEncodeError`) — possibly after earlier pieces were produced.
+    """
+    result = document.get("result")
+    resources = result.get("storageResources") if isinstance(result, dict) else None
+    if not isinstance(result, dict) or type(resources) is not list or not resources:
+        yield _standard(document) + b"\n"
+        return
+    shell = _standard({**document, "result": {**result, "storageResources": []}}) + b"\n"
+    at = shell.find(_RESOURCES_KEY)
+    if at < 0 or shell.find(_RESOURCES_KEY, at + 1) >= 0 or not shell[:at].endswith(b"\n    "):
+        yield _standard(document) + b"\n"  # not the envelope's layout (a key repeated in meta, say)
+        return
+    after_list = at + len(_RESOURCES_KEY)
+    yield shell[: after_list - 1]  # up to and including the list's "["
+    for start in range(0, len(resources), PIECE_RESOURCES):
+        piece = resources[start : start + PIECE_RESOURCES]
+        wrapped = {"": {"": piece}}
+        data = None
+        if _orjson_writes_the_same(piece):
+            try:
+                data = orjson.dumps(wrapped, option=orjson.OPT_INDENT_2)
+            except TypeError:
+                pass
+        if data is None:
+            data = _standard(wrapped)
+        if start:
+            yield b","
+        yield memoryview(data)[_WRAP_HEAD : len(data) - _WRAP_TAIL]
+    yield _CLOSE_LIST + shell[after_list:]
+
+
+def _standard(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, indent=2, allow_nan=False).encode("utf-8")
 
 
 _PLAIN_TYPES = frozenset({str, int, bool, type(None)})
@@ -108,24 +154,20 @@ _GET_TARGET = operator.itemgetter("target")
 _GET_TARGET_ITEM = operator.itemgetter("targetItem")
 
 
-def _orjson_writes_the_same(document: dict[str, Any]) -> bool:
-    """Whether orjson's bytes for this envelope are exactly `json.dumps`'s.
+def _orjson_writes_the_same(resources: list[Any]) -> bool:
+    """Whether orjson's bytes for these storage resources are exactly `json.dumps`'s.
 
     Strings, integers and floats come out the same except floats that are non-finite (orjson writes `null` where
     `json.dumps` refuses) or of magnitude in [1e-9, 1e-4) (orjson: `0.00001`, `1e-6`; `json.dumps`: `1e-05`,
     `1e-06`). A storage object from `map_resource` holds floats only in `quotas` and possibly in a target item
-    copied from `backend_metadata`: both are checked, in C-level passes (~0.2 s for 100 000 resources). Other
-    fields of a storage object are trusted to hold no float (the mapping's contract); an envelope whose resources
-    lack `quotas` or `target` is not vouched for.
+    copied from `backend_metadata`: both are checked, in C-level passes, each shared object (the mapping shares
+    quota lists and a user's `primaryProject`) once. Other fields of a storage object are trusted to hold no float
+    (the mapping's contract); resources that lack `quotas` or `target` are not vouched for.
     """
     try:
-        result = document["result"]
-        resources = result["storageResources"]
-        if not _PLAIN_TYPES.issuperset(map(type, document["meta"].values())):
-            return False
-        if not _PLAIN_TYPES.issuperset(map(type, (result.get("paginate") or {}).values())):
-            return False
-        quotas = list(map(_GET_QUOTA, chain.from_iterable(filter(None, map(_GET_QUOTAS, resources)))))
+        quota_lists = list(filter(None, map(_GET_QUOTAS, resources)))
+        quota_lists = list(dict(zip(map(id, quota_lists), quota_lists, strict=True)).values())
+        quotas = list(map(_GET_QUOTA, chain.from_iterable(quota_lists)))
         items = filter(None, map(_GET_TARGET_ITEM, filter(None, map(_GET_TARGET, resources))))
         values = list(chain.from_iterable(map(dict.values, items)))
         total = sum(quotas)
@@ -138,7 +180,8 @@ def _orjson_writes_the_same(document: dict[str, Any]) -> bool:
     if _PLAIN_TYPES.issuperset(map(type, values)):
         return True
     # a user's `primaryProject`, or whatever a target item from backend_metadata holds
-    return all(_same_in_orjson(v) for v in values if type(v) not in _PLAIN_TYPES)
+    others = [v for v in values if type(v) not in _PLAIN_TYPES]
+    return all(_same_in_orjson(v) for v in dict(zip(map(id, others), others, strict=True)).values())
 
 
 def _same_in_orjson(value: Any, depth: int = 0) -> bool:
@@ -161,11 +204,23 @@ def content_key(document: dict[str, Any]) -> bytes:
 
     A digest, not the serialised content: a 100 000-resource feed would otherwise keep ~170 MB per offering alive
     between regenerations. Only compared with itself, so orjson's compact form serves (the standard library's is
-    about 7 times slower); values orjson refuses take the standard path.
+    about 7 times slower), hashed a piece of `PIECE_RESOURCES` resources at a time (no 150 MB string either);
+    values orjson refuses take the standard path.
     """
-    content = {"result": document["result"], "status": document["status"], "code": document["code"]}
+    result = document["result"]
+    resources = result.get("storageResources") if isinstance(result, dict) else None
+    if type(resources) is not list:
+        resources = []
+    else:
+        result = {**result, "storageResources": len(resources)}
+    digest = hashlib.sha256(_compact({"result": result, "status": document["status"], "code": document["code"]}))
+    for start in range(0, len(resources), PIECE_RESOURCES):
+        digest.update(_compact(resources[start : start + PIECE_RESOURCES]))
+    return digest.digest()
+
+
+def _compact(value: Any) -> bytes:
     try:
-        data = orjson.dumps(content)
+        return orjson.dumps(value)
     except TypeError:
-        data = json.dumps(content, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    return hashlib.sha256(data).digest()
+        return json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")

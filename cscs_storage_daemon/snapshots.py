@@ -15,7 +15,7 @@ from datetime import datetime
 import structlog
 
 from cscs_storage_daemon.debounce import Debouncer, DebounceRules
-from cscs_storage_daemon.envelope import content_key, render, snapshot_envelope, snapshot_file_name
+from cscs_storage_daemon.envelope import content_key, render_pieces, snapshot_envelope, snapshot_file_name
 from cscs_storage_daemon.metrics import Metrics
 from cscs_storage_daemon.runtime import OfferingRuntime
 from cscs_storage_daemon.stamps import Stamps
@@ -83,7 +83,7 @@ class SnapshotScheduler:
                 return False
             name = snapshot_file_name(local)
             try:
-                offering.writer.write(name, render(document))
+                offering.writer.write_pieces(name, render_pieces(document))
                 pruned = offering.writer.prune_snapshots(offering.snapshot_retention)
             except OSError as exc:
                 with self._cond:

@@ -14,7 +14,7 @@ import structlog
 
 from cscs_storage_daemon.clock import Clock, SystemClock
 from cscs_storage_daemon.config import Config
-from cscs_storage_daemon.envelope import render, snapshot_envelope, snapshot_file_name
+from cscs_storage_daemon.envelope import render_pieces, snapshot_envelope, snapshot_file_name
 from cscs_storage_daemon.events import normalise_uuid
 from cscs_storage_daemon.gateway import WaldurError
 from cscs_storage_daemon.runtime import open_offering
@@ -102,7 +102,7 @@ def run_sync(
             )
             continue
         try:
-            path = runtime.writer.write(name, render(snapshot_envelope(objects, date=local)))
+            path = runtime.writer.write_pieces(name, render_pieces(snapshot_envelope(objects, date=local)))
             runtime.writer.prune_snapshots(runtime.snapshot_retention)
         except OSError as exc:
             report.error = f"cannot write {runtime.writer.directory / name}: {exc}"

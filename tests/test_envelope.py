@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cscs_storage_daemon import envelope as envelope_module
 from cscs_storage_daemon.envelope import (
     content_key,
     envelope,
@@ -21,6 +22,7 @@ from cscs_storage_daemon.envelope import (
     order_file_name,
     paginate,
     render,
+    render_pieces,
     snapshot_envelope,
     snapshot_file_name,
 )
@@ -306,6 +308,28 @@ def test_non_finite_floats_are_refused_anywhere(bad: float) -> None:
     ):
         with pytest.raises(ValueError):
             render(document)
+
+
+def test_pieces_join_to_the_standard_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """all.json is rendered a few resources at a time; pieces the standard path takes sit between orjson's."""
+    monkeypatch.setattr(envelope_module, "PIECE_RESOURCES", 3)
+    objects = [map_resource(raw, MappingSettings()) for raw in generate_resources(10, seed=5)]
+    objects[4] = {**objects[4], "quotas": quotas(1e-05)}  # the second piece takes the standard path
+    document = snapshot_envelope(objects, date=datetime(2025, 3, 14, 9, 26, tzinfo=ZURICH))
+    pieces = list(render_pieces(document))
+    assert len(pieces) == 1 + 4 + 3 + 1  # head, 4 pieces of resources, 3 commas between them, tail
+    assert b"".join(pieces) == render(document) == stdlib_render(document)
+    objects[7] = {**objects[7], "quotas": quotas(math.nan)}
+    with pytest.raises(ValueError):
+        render(snapshot_envelope(objects, date=datetime(2025, 3, 14, 9, 26, tzinfo=ZURICH)))
+
+
+def test_a_date_that_looks_like_the_resources_key_is_written_as_is() -> None:
+    document = snapshot_envelope([resource()], date=datetime(2025, 1, 1, tzinfo=UTC))
+    document["meta"]["date"] = '"storageResources": []'
+    assert_same_as_stdlib(document)
+    document["meta"]["appVersion"] = '\n    "storageResources": []'
+    assert_same_as_stdlib(document)
 
 
 def test_values_orjson_refuses_are_still_written() -> None:

@@ -260,3 +260,61 @@ def test_a_reader_never_sees_a_partial_file(tmp_path: Path) -> None:
     last = json.loads((tmp_path / snapshot_name(500)).read_bytes())
     check_document(last)
     assert last["result"]["storageResources"][0]["generation"] == 1000
+
+
+# ---------------------------------------------------------------------------------------------------- pieces
+
+
+def test_write_pieces_writes_them_joined(tmp_path: Path) -> None:
+    out = OutputWriter(tmp_path)
+    pieces: list[bytes | memoryview] = [b'{"a": ', memoryview(b"[1, 2]"), b"}\n"]
+    path = out.write_pieces("x.json", iter(pieces))
+    assert path.read_bytes() == b'{"a": [1, 2]}\n'
+    assert mode_of(path) == 0o640
+    assert leftovers(tmp_path) == []
+
+
+def test_failing_pieces_keep_the_old_file_and_leave_no_temp_file(tmp_path: Path) -> None:
+    out = OutputWriter(tmp_path)
+    out.write("x.json", b"old\n")
+
+    def pieces() -> Iterator[bytes]:
+        yield b"new, half"
+        raise ValueError("Out of range float values are not JSON compliant")
+
+    with pytest.raises(ValueError):
+        out.write_pieces("x.json", pieces())
+    assert (tmp_path / "x.json").read_bytes() == b"old\n"
+    assert leftovers(tmp_path) == []
+
+
+def test_write_pieces_goes_through_a_replaced_write(tmp_path: Path) -> None:
+    """A subclass that records or replays writes (capture, replay) or a test's stand-in sees every write."""
+    seen: list[tuple[str, bytes]] = []
+
+    class Recording(OutputWriter):
+        def write(self, name: str, data: bytes) -> Path:
+            seen.append((name, data))
+            return super().write(name, data)
+
+    pieces: list[bytes | memoryview] = [b"1", memoryview(b"2")]
+    Recording(tmp_path).write_pieces("a.json", iter(pieces))
+
+    def stand_in_write(name: str, data: bytes) -> Path:
+        seen.append((name, data))
+        return tmp_path / name
+
+    stand_in = OutputWriter(tmp_path)
+    stand_in.write = stand_in_write  # type: ignore[method-assign]
+    stand_in.write_pieces("b.json", iter([b"3"]))
+    assert seen == [("a.json", b"12"), ("b.json", b"3")]
+    assert (tmp_path / "a.json").read_bytes() == b"12"
+
+
+def test_a_piece_that_cannot_be_written_keeps_the_old_file(tmp_path: Path) -> None:
+    out = OutputWriter(tmp_path)
+    out.write("x.json", b"old\n")
+    with pytest.raises(TypeError):
+        out.write_pieces("x.json", iter([b"new", "not bytes", b"never"]))  # type: ignore[arg-type]
+    assert (tmp_path / "x.json").read_bytes() == b"old\n"
+    assert leftovers(tmp_path) == []
