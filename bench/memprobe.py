@@ -45,6 +45,7 @@ from cscs_storage_daemon.daemon import build_core  # noqa: E402
 from cscs_storage_daemon.health import HealthState  # noqa: E402
 from cscs_storage_daemon.testing.fake_waldur import FakeWaldur  # noqa: E402
 from cscs_storage_daemon.transports.base import Delivery  # noqa: E402
+from tests.fixtures.inprocess_waldur import InProcessWaldur  # noqa: E402
 
 STORAGE_COMPONENT = {"measured_unit": "TB", "accounting_type": "limit", "label": "Storage", "unit_factor": 1}
 
@@ -68,38 +69,6 @@ def type_counts() -> collections.Counter[str]:
     for obj in gc.get_objects():
         counts[type(obj).__qualname__] += 1
     return counts
-
-
-class InProcessWaldur(httpx.BaseTransport):
-    """The fake Waldur's request handling called directly, without sockets (`--loopback` uses real HTTP)."""
-
-    def __init__(self, fake: FakeWaldur) -> None:
-        self.fake = fake
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        from cscs_storage_daemon.testing.fake_waldur import _Request
-
-        body = request.read()
-        reply = self.fake._handle(
-            _Request(
-                method=request.method,
-                path=request.url.path,
-                query=list(request.url.params.multi_items()),
-                headers={k.lower(): v for k, v in request.headers.items()},
-                body=body,
-                host=request.url.netloc.decode(),
-            )
-        )
-        if reply.action != "answer":
-            raise httpx.ReadError("dropped", request=request)
-        if isinstance(reply.body, bytes):
-            payload = reply.body
-        elif reply.body is None:
-            payload = b""
-        else:
-            payload = json.dumps(reply.body, separators=(",", ":"), ensure_ascii=False).encode()
-        headers = {"Content-Type": reply.content_type, **reply.headers}
-        return httpx.Response(reply.status, headers=headers, content=payload, request=request)
 
 
 class Probe:
