@@ -1,11 +1,10 @@
 """The only module that talks HTTP to Waldur.
 
 Requests are built with waldur-api-client's request builders (``_get_kwargs``: method, path, query, JSON body) and
-sent as one `httpx.Request` straight to an httpx transport (`httpx.HTTPTransport` by default; the capture, the replay
-and the tests pass their own — `httpx.MockTransport` included). Going to the transport directly, rather than through
-an `httpx.Client`, skips the client's URL merging, cookie jar, auth and redirect machinery: Waldur needs none of them
-(token auth, no cookies, no redirects followed), and it was two thirds of the cost of a call. Answers are read as
-plain JSON: a resource is never rejected because a generated model cannot parse one of its values.
+handed to a `WaldurTransport` (waldur_transport.py): over HTTP by default (`HttpxTransport` on an
+`httpx.HTTPTransport`; the capture and the tests pass their own httpx transport, `httpx.MockTransport` included),
+or answered from a capture by the replay. Answers are read as plain JSON: a resource is never rejected because a
+generated model cannot parse one of its values.
 
 Every call goes through the retry policy of `retry.py`; only transient failures (transport errors, timeouts, 429,
 5xx) are retried. The first attempt runs without the retry machinery; only a transient failure builds it.
@@ -23,9 +22,11 @@ The token never appears in a message, a log line or an exception.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid as uuid_mod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -84,6 +85,7 @@ from cscs_storage_daemon.retry import (
     is_transient_status,
     parse_retry_after,
 )
+from cscs_storage_daemon.waldur_transport import Answer, HttpxTransport, WaldurTransport
 
 log = structlog.get_logger(__name__)
 
@@ -148,6 +150,32 @@ def _loads(content: bytes) -> Any:
         return json.loads(content)
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer with the request it answers (for messages: the method and the path without its query)."""
+
+    method: str
+    path: str
+    answer: Answer
+
+    @property
+    def status(self) -> int:
+        return self.answer.status
+
+
+_LINK = re.compile(r"<([^>]*)>([^<]*)")
+
+
+def next_link(header: str) -> str | None:
+    """The URL of ``rel="next"`` in a ``Link`` header (RFC 8288), or None."""
+    for match in _LINK.finditer(header):
+        for param in match.group(2).split(";"):
+            name, _, value = param.strip().rstrip(",").partition("=")
+            if name.strip().lower() == "rel" and "next" in value.strip().strip("\"'").lower().split():
+                return match.group(1).strip()
+    return None
+
+
 def _client_version() -> str:
     try:
         from importlib.metadata import version
@@ -175,7 +203,7 @@ class WaldurGateway:
         verify_ssl: bool = True,
         timeout: float = 10.0,
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen dataclass, immutable default
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | WaldurTransport | None = None,
         on_retry: OnRetry | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
@@ -189,16 +217,16 @@ class WaldurGateway:
         self._on_retry = on_retry
         self._page_size = page_size
         # The transport is ours to close; verify_ssl only matters for the default one.
-        self._transport: httpx.BaseTransport = (
-            transport if transport is not None else httpx.HTTPTransport(verify=verify_ssl)
-        )
-        self._extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
-        self._headers = {
-            "Accept": "application/json",
-            "Accept-Encoding": "gzip, deflate",
-            "Authorization": f"Token {token}",
-            "User-Agent": f"cscs-storage-daemon/{__version__}",
-        }
+        if transport is None or isinstance(transport, httpx.BaseTransport):
+            headers = {
+                "Accept": "application/json",
+                "Accept-Encoding": "gzip, deflate",
+                "Authorization": f"Token {token}",
+                "User-Agent": f"cscs-storage-daemon/{__version__}",
+            }
+            inner = transport if transport is not None else httpx.HTTPTransport(verify=verify_ssl)
+            transport = HttpxTransport(self._root, headers, timeout=timeout, transport=inner)
+        self._transport: WaldurTransport = transport
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -327,11 +355,11 @@ class WaldurGateway:
         existing = self.find_agent_identity(offering, name)
         if existing is not None:
             kwargs = marketplace_site_agent_identities_update._get_kwargs(uuid_hex(str(existing["uuid"])), body=body)
-            response = self._send("update_agent_identity", kwargs)
+            reply = self._send("update_agent_identity", kwargs)
         else:
             kwargs = marketplace_site_agent_identities_create._get_kwargs(body=body)
-            response = self._send("create_agent_identity", kwargs, ok=(201,))
-        return self._validated(response, AgentIdentity)
+            reply = self._send("create_agent_identity", kwargs, ok=(201,))
+        return self._validated(reply, AgentIdentity)
 
     def register_queue(self, identity_uuid: str | uuid_mod.UUID, object_types: Sequence[str] | None) -> dict[str, Any]:
         """Unified registration: ``{rmq_username, queue_name, vhost, observable_object_types}``.
@@ -375,19 +403,18 @@ class WaldurGateway:
 
     # -- plumbing -------------------------------------------------------------------------------------------------
 
-    def _validated(self, response: httpx.Response, model: Any) -> dict[str, Any]:
+    def _validated(self, reply: Reply, model: Any) -> dict[str, Any]:
         """The JSON object, after checking that the client's model accepts it (required keys, types)."""
-        body = self._json_object(response)
+        body = self._json_object(reply)
         try:
             model.from_dict(body)
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            request = response.request
             raise WaldurError(
-                f"Waldur answered {request.method} {request.url.path} with a body {model.__name__} cannot read "
+                f"Waldur answered {reply.method} {reply.path} with a body {model.__name__} cannot read "
                 f"({type(exc).__name__}: {str(exc)[:100]})",
-                method=request.method,
-                path=request.url.path,
-                status=response.status_code,
+                method=reply.method,
+                path=reply.path,
+                status=reply.status,
             ) from None
         return body
 
@@ -397,7 +424,7 @@ class WaldurGateway:
         kwargs: Mapping[str, Any],
         *,
         ok: Iterable[int] = (200,),
-    ) -> httpx.Response:
+    ) -> Reply:
         """Send one request with the retry policy; return the answer when its status is in ``ok``."""
         method = str(kwargs["method"]).upper()
         path = str(kwargs["url"])
@@ -420,7 +447,7 @@ class WaldurGateway:
         )
         attempts = 0
 
-        def once() -> httpx.Response:
+        def once() -> Reply:
             nonlocal attempts, first_failure
             attempts += 1
             if first_failure is not None:
@@ -429,7 +456,7 @@ class WaldurGateway:
             return self._once(method, path, kwargs, accepted)
 
         try:
-            response: httpx.Response = retrying(once)
+            reply: Reply = retrying(once)
         except TransientHTTPStatus as exc:
             detail = f": {exc.detail}" if exc.detail else ""
             raise WaldurUnavailable(
@@ -447,48 +474,46 @@ class WaldurGateway:
                 path=path,
                 status=None,
             ) from None
-        return response
+        return reply
 
-    def _request(self, method: str, path: str, kwargs: Mapping[str, Any]) -> httpx.Request:
-        """The `httpx.Request` for what a waldur-api-client builder returned (method, url, params, json, headers)."""
+    @staticmethod
+    def _request(method: str, path: str, kwargs: Mapping[str, Any]) -> tuple[str, bytes, Mapping[str, str]]:
+        """Target (path and query), body and extra headers for what a waldur-api-client builder returned; encoded
+        as httpx encodes them (`QueryParams`, compact UTF-8 JSON), so a capture made before reads the same."""
         unknown = kwargs.keys() - _BUILDER_KEYS
         if unknown:
             raise TypeError(f"unsupported request arguments for {method} {path}: {sorted(unknown)}")
-        headers = self._headers
-        extra = kwargs.get("headers")
-        if extra:
-            headers = {**headers, **extra}
-        return httpx.Request(
-            method,
-            self._root + path,
-            params=kwargs.get("params") or None,
-            headers=headers,
-            json=kwargs.get("json"),
-            content=kwargs.get("content"),
-            extensions=self._extensions,
-        )
+        target = path
+        params = kwargs.get("params")
+        if params:
+            query = str(httpx.QueryParams(params))
+            if query:
+                target = f"{path}?{query}"
+        body: bytes = kwargs.get("content") or b""
+        payload = kwargs.get("json")
+        headers: Mapping[str, str] = kwargs.get("headers") or {}
+        if payload is not None:
+            body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+            headers = {**headers, "Content-Type": "application/json"}
+        return target, body, headers
 
-    def _once(self, method: str, path: str, kwargs: Mapping[str, Any], accepted: frozenset[int]) -> httpx.Response:
-        request = self._request(method, path, kwargs)
+    def _once(self, method: str, path: str, kwargs: Mapping[str, Any], accepted: frozenset[int]) -> Reply:
+        target, body, headers = self._request(method, path, kwargs)
         try:
-            response = self._transport.handle_request(request)
-            try:
-                response.read()
-            finally:
-                response.close()
+            answer = self._transport.send(method, target, body, headers)
         except httpx.TransportError:
             raise
         except httpx.HTTPError as exc:
             raise WaldurError(
                 f"Waldur request {method} {path} failed: {type(exc).__name__}", method=method, path=path
             ) from None
-        response.request = request
-        status = response.status_code
+        reply = Reply(method, path, answer)
+        status = answer.status
         if status in accepted:
-            return response
-        detail = self._detail(response)
+            return reply
+        detail = self._detail(answer)
         if is_transient_status(status):
-            raise TransientHTTPStatus(status, detail, parse_retry_after(response.headers.get("Retry-After")))
+            raise TransientHTTPStatus(status, detail, parse_retry_after(answer.headers.get("retry-after")))
         suffix = f": {detail}" if detail else ""
         if 400 <= status < 500:
             raise WaldurRejected(
@@ -505,13 +530,13 @@ class WaldurGateway:
             status=status,
         )
 
-    def _detail(self, response: httpx.Response) -> str:
+    def _detail(self, answer: Answer) -> str:
         """The body's ``detail`` (or the body itself), short and without the token."""
         text = ""
         try:
-            body = response.json()
+            body = _loads(answer.content)
         except ValueError:
-            text = response.content.decode("utf-8", errors="replace").strip()
+            text = answer.content.decode("utf-8", errors="replace").strip()
         else:
             if isinstance(body, dict) and "detail" in body:
                 text = str(body["detail"])
@@ -526,28 +551,26 @@ class WaldurGateway:
             text = text[: DETAIL_LIMIT - 1] + "…"
         return text
 
-    def _json(self, response: httpx.Response) -> Any:
-        request = response.request
+    @staticmethod
+    def _json(reply: Reply) -> Any:
         try:
-            return _loads(response.content)
+            return _loads(reply.answer.content)
         except ValueError:
             raise WaldurError(
-                f"Waldur answered {request.method} {request.url.path} with a body that is not JSON",
-                method=request.method,
-                path=request.url.path,
-                status=response.status_code,
+                f"Waldur answered {reply.method} {reply.path} with a body that is not JSON",
+                method=reply.method,
+                path=reply.path,
+                status=reply.status,
             ) from None
 
-    def _json_object(self, response: httpx.Response) -> dict[str, Any]:
-        body = self._json(response)
+    def _json_object(self, reply: Reply) -> dict[str, Any]:
+        body = self._json(reply)
         if not isinstance(body, dict):
-            request = response.request
             raise WaldurError(
-                f"Waldur answered {request.method} {request.url.path} with a {type(body).__name__}, "
-                "expected a JSON object",
-                method=request.method,
-                path=request.url.path,
-                status=response.status_code,
+                f"Waldur answered {reply.method} {reply.path} with a {type(body).__name__}, expected a JSON object",
+                method=reply.method,
+                path=reply.path,
+                status=reply.status,
             )
         return body
 
@@ -588,16 +611,16 @@ class WaldurGateway:
             if page > 1:
                 params["page"] = page
             page_kwargs = {**kwargs, "params": params}
-            response = self._send(operation, page_kwargs, ok=(200, 404) if page > 1 else (200,))
-            if response.status_code == 404:
+            reply = self._send(operation, page_kwargs, ok=(200, 404) if page > 1 else (200,))
+            if reply.status == 404:
                 raise _ListingChanged(f"page {page} vanished")
             pages += 1
-            count = self._result_count(response, fail)
+            count = self._result_count(reply.answer, fail)
             if expected is None:
                 expected = count
             elif count != expected:
                 raise _ListingChanged(f"X-Result-Count went from {expected} to {count}")
-            body = self._json(response)
+            body = self._json(reply)
             if not isinstance(body, list):
                 raise fail(f"page {page} is a {type(body).__name__}, expected a JSON array")
             for item in body:
@@ -609,7 +632,7 @@ class WaldurGateway:
                         raise _ListingChanged(f"item {key} seen twice")
                     seen.add(key)
                 items.append(item)
-            next_page = self._next_page(response, fail)
+            next_page = self._next_page(reply.answer, fail)
             if next_page is None:
                 break
             if next_page <= page:
@@ -622,8 +645,8 @@ class WaldurGateway:
         return items
 
     @staticmethod
-    def _result_count(response: httpx.Response, fail: Callable[[str], WaldurPaginationError]) -> int:
-        raw = response.headers.get("X-Result-Count")
+    def _result_count(answer: Answer, fail: Callable[[str], WaldurPaginationError]) -> int:
+        raw = answer.headers.get("x-result-count")
         if raw is None:
             raise fail("no X-Result-Count header")
         try:
@@ -635,11 +658,10 @@ class WaldurGateway:
         return count
 
     @staticmethod
-    def _next_page(response: httpx.Response, fail: Callable[[str], WaldurPaginationError]) -> int | None:
-        link = response.links.get("next")
-        if not link:
+    def _next_page(answer: Answer, fail: Callable[[str], WaldurPaginationError]) -> int | None:
+        url = next_link(answer.headers.get("link") or "")
+        if not url:
             return None
-        url = link.get("url", "")
         values = parse_qs(urlsplit(url).query).get("page")
         if not values:
             raise fail("Link rel=next has no page parameter")

@@ -26,12 +26,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import queue
 import shutil
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +49,6 @@ from cscs_storage_daemon.capture import (
     decode_body,
     describe_request,
     gate_core,
-    request_path,
 )
 from cscs_storage_daemon.config import Config, config_from_rendered
 from cscs_storage_daemon.envelope import is_snapshot_file_name
@@ -58,6 +58,7 @@ from cscs_storage_daemon.metrics import Metrics
 from cscs_storage_daemon.retry import RetryInfo, RetryPolicy, TransientHTTPStatus
 from cscs_storage_daemon.stamps import Stamps
 from cscs_storage_daemon.transports.base import Delivery
+from cscs_storage_daemon.waldur_transport import Answer
 from cscs_storage_daemon.writer import OutputWriter
 
 if TYPE_CHECKING:
@@ -330,6 +331,7 @@ class Replayer:
         self.summary = ReplaySummary(str(self.capture_path), str(self.output_dir))
         self.ledger = Ledger(":memory:")
         self.written: list[tuple[str, str]] = []  # (offering slug, file name), in write order
+        self.files = FileQueue(self._fail)
         self._local = _Local()
         self._cond = threading.Condition()
         self._turn: object = _DRIVER
@@ -372,12 +374,14 @@ class Replayer:
         try:
             for header, records in sessions:
                 self._run_session(_Session(header, records), state)
+            self.files.drain()
+            summary.sessions = len(sessions)
+            self._done = True
+            self._summarise()  # before the capture is the collector's again: a full pass over it costs a second
         finally:
+            self.files.close()
             gc.set_threshold(*thresholds)
             gc.unfreeze()
-        summary.sessions = len(sessions)
-        self._done = True
-        self._summarise()
         summary.seconds = time.perf_counter() - started
         return summary
 
@@ -1009,32 +1013,110 @@ class ReplayClock:
         return self.now().timestamp()
 
 
-class ReplayTransport(httpx.BaseTransport):
-    """Answers every request from the capture (the httpx `MockTransport` pattern)."""
+class ReplayTransport:
+    """The gateway's `WaldurTransport` in a replay: every answer comes from the capture, no HTTP object is built."""
 
     def __init__(self, replayer: Replayer) -> None:
         self._replayer = replayer
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        record = self._replayer.http(request.method, request_path(request), request.read())
+    def send(self, method: str, target: str, body: bytes, headers: Mapping[str, str]) -> Answer:
+        record = self._replayer.http(method, target, body)
         data = record.data
         error = data.get("error")
         if isinstance(error, str):
-            raise _transport_error(error, str(data.get("message") or error), request)
+            raise _transport_error(error, str(data.get("message") or error))
         status = data.get("status")
         if not isinstance(status, int):
             raise ReplayError(f"line {record.line}: an exchange with neither a status nor an error")
-        headers = data.get("headers") if isinstance(data.get("headers"), dict) else {}
-        kept = {k: str(v) for k, v in (headers or {}).items() if k in RESPONSE_HEADERS}
+        recorded = data.get("headers")
+        kept = (
+            {k.lower(): str(v) for k, v in recorded.items() if k.lower() in RESPONSE_HEADERS}
+            if isinstance(recorded, dict)
+            else {}
+        )
         try:
             content = decode_body(str(data.get("body") or ""), data.get("body_encoding"))
         except ValueError as exc:
             raise ReplayError(f"line {record.line}: the response body cannot be decoded: {exc}") from None
-        return httpx.Response(status, headers=kept, content=content, request=request)
+        return Answer(status, kept, content)
+
+    def close(self) -> None:
+        pass
+
+
+class FileQueue:
+    """The replay's file writes, made in order on one background thread.
+
+    A replay is one thread of Python work; creating a file is mostly waiting for the file system (tens of
+    microseconds on a quiet disk, a millisecond behind other processes' fsyncs). Handing the writes to a thread
+    overlaps that wait with the next events. Anything that looks at an output directory `drain`s first, and so does
+    the end of the replay; the first failed write is raised there as a `ReplayError`.
+    """
+
+    def __init__(self, fail: Callable[[ReplayError], ReplayError]) -> None:
+        self._fail = fail
+        self._queue: queue.SimpleQueue[tuple[Path, bytes, int] | None] = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self._failure: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def put(self, target: Path, data: bytes, mode: int) -> None:
+        self.check()
+        with self._idle:
+            self._pending += 1
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="replay-files", daemon=True)
+            self._thread.start()
+        self._queue.put((target, data, mode))
+
+    def drain(self) -> None:
+        """Wait until every queued file is written; raise the first failure."""
+        with self._idle:
+            while self._pending:
+                self._idle.wait()
+        self.check()
+
+    def check(self) -> None:
+        if self._failure is not None:
+            raise self._fail(ReplayError(self._failure))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            target, data, mode = item
+            try:
+                if self._failure is None:
+                    _write_in_place(target, data, mode)
+            except OSError as exc:
+                self._failure = f"the replay could not write {target}: {exc.strerror or exc}"
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    if not self._pending:
+                        self._idle.notify_all()
+
+
+def _write_in_place(target: Path, data: bytes, mode: int) -> None:
+    # Straight into place: a replay's output is a reproduction, not a feed read while it is written.
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 class ReplayWriter(OutputWriter):
-    """Writes like the live writer (temporary file, rename) but without fsync, and fails where the live one did."""
+    """Writes like the live writer but without fsync, in the background (`FileQueue`), and fails where the live one
+    did. What reads the directory back (the snapshot retention) sees every earlier write."""
 
     _replayer: Replayer
     _slug: str
@@ -1054,17 +1136,21 @@ class ReplayWriter(OutputWriter):
         if not self._ready:
             self.ensure_directory()
             self._ready = True
-        # Straight into place: a replay's output is a reproduction, not a feed read while it is written.
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.file_mode)
-        try:
-            os.fchmod(fd, self.file_mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
+        self._replayer.files.put(target, data, self.file_mode)
         self._replayer.written.append((self._slug, name))
         return target
+
+    def exists(self, name: str) -> bool:
+        self._replayer.files.drain()
+        return super().exists(name)
+
+    def snapshot_names(self) -> list[str]:
+        self._replayer.files.drain()
+        return super().snapshot_names()
+
+    def prune_snapshots(self, keep: int) -> list[str]:
+        self._replayer.files.drain()
+        return super().prune_snapshots(keep)
 
 
 # --------------------------------------------------------------------------------------------------------------

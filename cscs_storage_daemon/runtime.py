@@ -13,6 +13,7 @@ from cscs_storage_daemon.gateway import WaldurGateway
 from cscs_storage_daemon.mapping import MappingSettings
 from cscs_storage_daemon.mirror import OfferingMirror
 from cscs_storage_daemon.retry import RetryInfo, RetryPolicy
+from cscs_storage_daemon.waldur_transport import WaldurTransport
 from cscs_storage_daemon.writer import OutputWriter
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def open_offering(
     retry: RetryPolicy,
     timeout: float,
     removed_retention: float = 7 * 86400,
-    transport: httpx.BaseTransport | None = None,
+    transport: httpx.BaseTransport | WaldurTransport | None = None,
     on_retry: Callable[[RetryInfo], None] | None = None,
     warn: Callable[[str, dict[str, Any]], None] | None = None,
     output_directory: str | None = None,

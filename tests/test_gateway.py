@@ -20,6 +20,7 @@ from cscs_storage_daemon.gateway import (
     WaldurRejected,
     WaldurUnavailable,
     api_root,
+    next_link,
     uuid_hex,
 )
 from cscs_storage_daemon.retry import RetryInfo, RetryPolicy, build_retrying
@@ -596,3 +597,21 @@ def test_the_token_never_appears_in_logs_or_exceptions(fake_waldur: FakeWaldur) 
     assert fake_waldur.token not in everything
     assert "another-secret-token" not in everything
     assert "Authorization" not in everything
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ('<https://w/api/x/?page=2>; rel="next"', "https://w/api/x/?page=2"),
+        ('<https://w/api/x/?page=1>; rel="prev", <https://w/api/x/?page=3>; rel="next"', "https://w/api/x/?page=3"),
+        ("<https://w/api/x/?page=3>; rel=next", "https://w/api/x/?page=3"),
+        ('<https://w/api/x/?page=4>; rel="last next"', "https://w/api/x/?page=4"),
+        ('<https://w/api/x/?page=1>; rel="first", <https://w/api/x/?page=9>; REL="Next"', "https://w/api/x/?page=9"),
+        ('<https://w/api/x/?page=1>; rel="prev"', None),
+        ('<https://w/api/x/?a=1,2&page=5>; title="a; b, c"; rel="next"', "https://w/api/x/?a=1,2&page=5"),
+        ("", None),
+        ("garbage", None),
+    ],
+)
+def test_next_link_reads_the_link_header(header: str, expected: str | None) -> None:
+    assert next_link(header) == expected

@@ -239,6 +239,16 @@ def test_replaying_twice_gives_byte_identical_files(story: Recorded, tmp_path: P
     assert one == two and one
 
 
+def test_a_file_the_replay_cannot_write_stops_it_naming_the_file(story: Recorded, tmp_path: Path) -> None:
+    # The files are written in the background: the failure must still stop the replay, name the file, and leave
+    # no summary that looks like success.
+    live = sorted(p.relative_to(story.out) for p in story.out.rglob("*create_*.json"))[0]
+    blocker = tmp_path / "replayed" / live
+    blocker.mkdir(parents=True)  # a directory where the order file must go: open() fails with EISDIR
+    with pytest.raises(ReplayError, match=rf"could not write .*{live.name}"):
+        replay(story.capture, tmp_path / "replayed")
+
+
 def test_the_capture_never_holds_the_token(story: Recorded) -> None:
     text = story.capture.read_text()
     assert story.fake.token not in text
