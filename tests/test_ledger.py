@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -162,3 +165,56 @@ def test_concurrent_records_from_threads(ledger: Ledger) -> None:
             record = ledger.get(f"{w:08x}{i:024x}")
             assert record is not None
             assert record.written_at == f"w{w}" and record.completed_at == f"c{i}" and record.outcome == "done"
+
+
+def _queued_while_the_connection_is_busy(ledger: Ledger, calls: list[Callable[[], object]]) -> list[object]:
+    """Run `calls` on threads while the test holds the connection (as a commit being fsynced would), so that they
+    queue up and are committed together once it is released; their results (or exceptions) in order."""
+    results: list[object] = [None] * len(calls)
+
+    def call(index: int) -> None:
+        try:
+            results[index] = calls[index]()
+        except Exception as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+    with ledger._lock:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(ledger._queued) < len(calls) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(ledger._queued) == len(calls)
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
+def test_writes_queued_during_a_commit_are_committed_together(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    led = Ledger(path)
+    orders = [f"{i:032x}" for i in range(6)]
+    results = _queued_while_the_connection_is_busy(
+        led, [partial(intent, led, order=o, name=f"{o}.json") for o in orders]
+    )
+    assert results == [f"{o}.json" for o in orders]
+    led.close()
+    reopened = Ledger(path)
+    try:
+        assert [r.file_name if (r := reopened.get(o)) else None for o in orders] == [f"{o}.json" for o in orders]
+    finally:
+        reopened.close()
+
+
+def test_a_failing_write_in_a_batch_fails_alone(ledger: Ledger) -> None:
+    """The batch is rolled back and its writes run one by one: only the failing caller sees the error."""
+    others = [f"{i:032x}" for i in range(3)]
+    results = _queued_while_the_connection_is_busy(
+        ledger,
+        [partial(intent, ledger, order=o, name=f"{o}.json") for o in others]
+        + [lambda: ledger._write(lambda db: db.execute("INSERT INTO no_such_table VALUES (1)"))],
+    )
+    assert results[:3] == [f"{o}.json" for o in others]
+    assert isinstance(results[3], sqlite3.OperationalError)
+    assert ledger.count() == 3
