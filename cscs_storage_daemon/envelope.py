@@ -93,8 +93,9 @@ def render(document: dict[str, Any]) -> bytes:
     return b"".join(render_pieces(document))
 
 
-#: Resources per piece of a rendered all.json: ~2 MB of output, so the whole never has to be in memory at once.
-PIECE_RESOURCES = 1000
+#: Resources per piece of a rendered all.json: ~1 MB of output (the whole is never in memory at once; pieces this
+#: size render faster than larger ones, which outgrow the CPU caches).
+PIECE_RESOURCES = 500
 _RESOURCES_KEY = b'"storageResources": []'
 # A piece is rendered inside two one-key objects, the depth of storageResources in the envelope
 # (document → result → storageResources), so each line gets the indentation it has in the whole document; what
@@ -148,6 +149,8 @@ def _standard(value: Any) -> bytes:
 
 
 _PLAIN_TYPES = frozenset({str, int, bool, type(None)})
+_STR_TYPE = frozenset({str})
+_MAX_DEPTH = 33
 _GET_QUOTAS = operator.itemgetter("quotas")
 _GET_QUOTA = operator.itemgetter("quota")
 _GET_TARGET = operator.itemgetter("target")
@@ -160,42 +163,51 @@ def _orjson_writes_the_same(resources: list[Any]) -> bool:
     Strings, integers and floats come out the same except floats that are non-finite (orjson writes `null` where
     `json.dumps` refuses) or of magnitude in [1e-9, 1e-4) (orjson: `0.00001`, `1e-6`; `json.dumps`: `1e-05`,
     `1e-06`). A storage object from `map_resource` holds floats only in `quotas` and possibly in a target item
-    copied from `backend_metadata`: both are checked, in C-level passes, each shared object (the mapping shares
-    quota lists and a user's `primaryProject`) once. Other fields of a storage object are trusted to hold no float
-    (the mapping's contract); resources that lack `quotas` or `target` are not vouched for.
+    copied from `backend_metadata`: both are checked (`_all_written_the_same`). Other fields of a storage object
+    are trusted to hold no float (the mapping's contract); resources that lack `quotas` or `target` are not
+    vouched for.
     """
     try:
         quota_lists = list(filter(None, map(_GET_QUOTAS, resources)))
-        quota_lists = list(dict(zip(map(id, quota_lists), quota_lists, strict=True)).values())
-        quotas = list(map(_GET_QUOTA, chain.from_iterable(quota_lists)))
+        unique_lists = dict(zip(map(id, quota_lists), quota_lists, strict=True)).values()  # the mapping shares them
+        quotas = list(map(_GET_QUOTA, chain.from_iterable(unique_lists)))
         items = filter(None, map(_GET_TARGET_ITEM, filter(None, map(_GET_TARGET, resources))))
         values = list(chain.from_iterable(map(dict.values, items)))
-        total = sum(quotas)
     except (KeyError, TypeError, AttributeError):
         return False
-    if not math.isfinite(total):
-        return False  # NaN / infinity (or an overflowing sum: the standard path sorts it out)
-    if [v for v in quotas if -1e-4 < v < 1e-4 and v]:
-        return False
-    if _PLAIN_TYPES.issuperset(map(type, values)):
-        return True
-    # a user's `primaryProject`, or whatever a target item from backend_metadata holds
-    others = [v for v in values if type(v) not in _PLAIN_TYPES]
-    return all(_same_in_orjson(v) for v in dict(zip(map(id, others), others, strict=True)).values())
+    return _all_written_the_same(quotas) and _all_written_the_same(values)
 
 
-def _same_in_orjson(value: Any, depth: int = 0) -> bool:
-    kind = type(value)
-    if kind in _PLAIN_TYPES:
-        return True
-    if kind is float:
-        return math.isfinite(value) and not (-1e-4 < value < 1e-4 and value)
-    if depth > 32:
-        return False
-    if kind is dict:
-        return all(type(k) is str for k in value) and all(_same_in_orjson(v, depth + 1) for v in value.values())
-    if kind is list:
-        return all(_same_in_orjson(v, depth + 1) for v in value)
+def _all_written_the_same(values: list[Any]) -> bool:
+    """Whether orjson writes these JSON values, and all they hold, as `json.dumps` does.
+
+    A level of nesting at a time, each level's plain values in C-level passes and each container (a user's shared
+    `primaryProject`, say) once: most levels hold nothing but strings, integers, booleans and nulls.
+    """
+    for _ in range(_MAX_DEPTH):
+        if _PLAIN_TYPES.issuperset(map(type, values)):
+            return True
+        others = [v for v in values if type(v) not in _PLAIN_TYPES]
+        floats: list[float] = []
+        dicts: list[dict[Any, Any]] = []
+        lists: list[list[Any]] = []
+        for value in dict(zip(map(id, others), others, strict=True)).values():
+            kind = type(value)
+            if kind is float:
+                floats.append(value)
+            elif kind is dict:
+                dicts.append(value)
+            elif kind is list:
+                lists.append(value)
+            else:
+                return False
+        if not math.isfinite(sum(floats)):
+            return False  # NaN / infinity (or an overflowing sum: the standard path sorts it out)
+        if [v for v in floats if -1e-4 < v < 1e-4 and v]:
+            return False
+        if not _STR_TYPE.issuperset(map(type, chain.from_iterable(dicts))):
+            return False  # a key that is not a string
+        values = list(chain(chain.from_iterable(map(dict.values, dicts)), chain.from_iterable(lists)))
     return False
 
 
