@@ -38,6 +38,8 @@ def test_unit_has_the_required_directives() -> None:
     assert "@system-service" in d["SystemCallFilter"]
     for flag in ("ProtectHome", "PrivateTmp", "NoNewPrivileges"):
         assert d[flag] == ["yes"], flag
+    # Two malloc arenas: with one per thread, fragmentation alone grows the RSS (docs/reliability.md).
+    assert "MALLOC_ARENA_MAX=2" in d["Environment"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
