@@ -14,11 +14,17 @@ code the tests use); each publisher process runs a pool of threads, since one su
    ``beam.smp``), the fake Waldur and the publishers, as % of one core; the whole machine's utilisation
    (``/proc/stat``, 100 % per core) and what the named parties do not explain ("other": the kernel's share of
    loopback networking, Mosquitto, anything else running); the fake Waldur's request rate; the daemon's CPU-ms per
-   order. Then which party saturates first: the whole machine (≥ 90 % of every core), or a single-GIL Python
-   process (the daemon, the fake Waldur) at ≥ 90 % of one core;
+   order. Stages stop at the first one not sustained. For that (top) stage: which party saturates first (the whole
+   machine at ≥ 90 % of every core, or a single-GIL Python process, the daemon or the fake Waldur, at ≥ 90 % of one
+   core) and the CPU budget: the four parties' CPU-ms per order, hence the most orders/s the cores could carry with
+   nothing else running, and the most the daemon's one GIL could;
 3. the number of all.json writes caused by a burst of 10 000 resource events (published the same way).
 
     uv run python bench/bench_events.py [--steady-seconds 20] [--rates 100,200,300,400,600] [--publishers 2]
+        [--workers 4] [--burst 10000]
+
+Figures on the 2-core development machine (shared with other test runs: "other") are in docs/reliability.md
+("Event benchmark").
 """
 
 from __future__ import annotations
@@ -365,6 +371,7 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=10_000)
     parser.add_argument("--resources", type=int, default=2000)
     parser.add_argument("--publishers", type=int, default=2, help="publisher processes (each a thread pool)")
+    parser.add_argument("--workers", type=int, default=4, help="the daemon's `daemon.workers`")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a SIGTERM still stops the daemon and the fake
     lock = os.open(BROKER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
@@ -395,7 +402,7 @@ def main() -> int:
         "daemon": {
             "broker": {"protocol": "stomp", "host": "127.0.0.1", "port": 61613, "tls": False, "prefetch": 50},
             "state_directory": str(tmp / "state"),
-            "workers": 4,
+            "workers": args.workers,
             "reconcile_interval": 3600,  # no pass picks up the orders created ahead of a stage
             "http": {"enabled": False},
             "log": {"format": "json", "level": "info"},
@@ -418,17 +425,6 @@ def main() -> int:
         pubs = Publishers(ctx, args.publishers, consumer["vhost"], consumer["queue_name"])
         first = 0
 
-        n = int(args.steady_rate * args.steady_seconds)
-        stage = run_orders(fake, pubs, out, args.steady_rate, n, first)
-        first += n
-        print(
-            f"steady {args.steady_rate:.0f} orders/s, {n} orders: event-to-file latency "
-            f"p50 {pct(stage.latencies, 50) * 1000:.1f} ms, p99 {pct(stage.latencies, 99) * 1000:.1f} ms, "
-            f"max {max(stage.latencies, default=math.nan) * 1000:.1f} ms "
-            f"({len(stage.latencies)}/{n} done with exactly one file)",
-            flush=True,
-        )
-
         publisher_pids = pubs.pids
         meter = CpuMeter(
             {
@@ -439,8 +435,23 @@ def main() -> int:
                 "bench": lambda: [os.getpid()],
             }
         )
+
+        n = int(args.steady_rate * args.steady_seconds)
+        meter.start()
+        stage = run_orders(fake, pubs, out, args.steady_rate, n, first)
+        meter.stop()
+        first += n
+        print(
+            f"steady {args.steady_rate:.0f} orders/s, {n} orders: event-to-file latency "
+            f"p50 {pct(stage.latencies, 50) * 1000:.1f} ms, p99 {pct(stage.latencies, 99) * 1000:.1f} ms, "
+            f"max {max(stage.latencies, default=math.nan) * 1000:.1f} ms "
+            f"({len(stage.latencies)}/{n} done with exactly one file); machine {meter.machine_percent:.0f} % "
+            f"of {100 * NCPU} %, other load {meter.other_percent:.0f} %",
+            flush=True,
+        )
+        meter = CpuMeter(meter.parties)
         best = 0.0
-        top: tuple[float, CpuMeter] | None = None
+        top: tuple[float, CpuMeter, int] | None = None
         for rate in [float(r) for r in args.rates.split(",")]:
             count = int(rate * args.stage_seconds)
             requests0 = fake.call("requests")
@@ -468,13 +479,27 @@ def main() -> int:
             )
             if sustained:
                 best = max(best, achieved)
-            top = (rate, meter)
+            top = (rate, meter, count)
             meter = CpuMeter(meter.parties)
             if not sustained:
                 break
         print(f"highest sustained rate with nothing lost: {best:.0f} orders/s")
         if top is not None:
-            print(f"saturated first at offered {top[0]:.0f}/s: {saturation(top[1], ['daemon', 'fake Waldur'])}")
+            top_rate, top_meter, top_count = top
+            print(f"saturated first at offered {top_rate:.0f}/s: {saturation(top_meter, ['daemon', 'fake Waldur'])}")
+            per_order = {
+                name: top_meter.seconds[name] * 1000 / top_count
+                for name in ("daemon", "RabbitMQ", "fake Waldur", "publishers")
+            }
+            total = sum(per_order.values())
+            other = top_meter.other_percent
+            print(
+                f"CPU budget at that stage: {total:.1f} CPU-ms per order for the four parties "
+                f"({', '.join(f'{k} {v:.2f}' for k, v in per_order.items())}): at most {1000 * NCPU / total:.0f} "
+                f"orders/s on {NCPU} cores with nothing else running; the daemon alone (one GIL) at most "
+                f"{1000 / per_order['daemon']:.0f}/s"
+                + (f"; other load took {other:.0f} % meanwhile" if other > 20 else "")
+            )
 
         if args.burst <= 0:
             return 0
