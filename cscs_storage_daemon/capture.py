@@ -428,6 +428,8 @@ class CaptureWriter:
     def attach(self, core: Core) -> None:
         """Record what the core's parallel parts do (call right after `build_core`, before `fill`)."""
         gate_core(core, self)
+        if not isinstance(core.ledger, Ledger):
+            raise TypeError("a capture records a core with a SQLite ledger (the live daemon's)")
         ledger = RecordingLedger.wrap(core.ledger, self)
         core.ledger = ledger
         core.processor.ledger = ledger

@@ -27,7 +27,7 @@ from cscs_storage_daemon.config import Config, ConfigError, DaemonSettings, Offe
 from cscs_storage_daemon.debounce import DebounceRules
 from cscs_storage_daemon.dispatcher import DeadLetterLog, Dispatcher
 from cscs_storage_daemon.gateway import WaldurError
-from cscs_storage_daemon.ledger import Ledger
+from cscs_storage_daemon.ledger import Ledger, OrderLedger
 from cscs_storage_daemon.metrics import Metrics
 from cscs_storage_daemon.processor import Processor
 from cscs_storage_daemon.reconciler import Reconciler
@@ -53,7 +53,7 @@ class Core:
 
     config: Config
     offerings: list[OfferingRuntime]
-    ledger: Ledger
+    ledger: OrderLedger
     metrics: Metrics
     stamps: Stamps
     processor: Processor
@@ -102,7 +102,7 @@ def build_core(
     stamps: Stamps | None = None,
     retry: RetryPolicy | None = None,
     retry_hook: Callable[[RetryInfo], None] | None = None,
-    ledger: Ledger | None = None,
+    ledger: OrderLedger | None = None,
 ) -> Core:
     """The core of `run`. The keyword hooks are for the capture and the replay: a transport per offering, the stamp
     source, the retry policy and a hook before every retry, and the ledger."""

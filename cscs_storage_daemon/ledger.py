@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +186,58 @@ class Ledger:
         with self._lock:
             (n,) = self._db.execute("SELECT COUNT(*) FROM orders").fetchone()
         return int(n)
+
+
+class MemoryLedger:
+    """`Ledger`'s rules without SQLite and without durability: a row per order in a dict.
+
+    For the replay, which starts from an empty ledger (plus the rows the capture recorded) and keeps nothing past
+    its run: there, SQLite's statements, the commit queue and their locks were a sixth of the time. Same answers as
+    `Ledger` for the same calls (tests/test_ledger.py runs its rules against both).
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, OrderRecord] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        pass
+
+    def get(self, order_uuid: str) -> OrderRecord | None:
+        return self._rows.get(order_uuid)
+
+    def record_intent(
+        self, order_uuid: str, *, order_type: str, offering: str, resource_uuid: str, file_name: str
+    ) -> str:
+        """Reserve the order file's name before writing it; an existing reservation is kept and returned."""
+        with self._lock:
+            row = self._rows.get(order_uuid)
+            if row is None:
+                row = OrderRecord(order_uuid, order_type, offering, resource_uuid, file_name, None, None, None)
+            else:
+                kept = row.file_name if row.file_name is not None else file_name
+                row = replace(row, file_name=kept, resource_uuid=resource_uuid)
+            self._rows[order_uuid] = row
+            return str(row.file_name)
+
+    def record_written(self, order_uuid: str, *, at: str) -> None:
+        with self._lock:
+            row = self._rows.get(order_uuid)
+            if row is not None:
+                self._rows[order_uuid] = replace(row, written_at=at)
+
+    def record_completed(self, order_uuid: str, *, order_type: str, offering: str, outcome: str, at: str) -> None:
+        with self._lock:
+            row = self._rows.get(order_uuid)
+            if row is None:
+                row = OrderRecord(order_uuid, order_type, offering, None, None, None, at, outcome)
+            else:
+                row = replace(row, completed_at=at, outcome=outcome)
+            self._rows[order_uuid] = row
+
+    def count(self) -> int:
+        return len(self._rows)
+
+
+#: What the processor, the capture and the replay need of a ledger.
+OrderLedger = Ledger | MemoryLedger

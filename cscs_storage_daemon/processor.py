@@ -17,7 +17,7 @@ import structlog
 from cscs_storage_daemon.envelope import order_envelope, order_file_name, render
 from cscs_storage_daemon.events import SKIPPED_ORDER_STATES, normalise_uuid
 from cscs_storage_daemon.gateway import WaldurRejected
-from cscs_storage_daemon.ledger import Ledger
+from cscs_storage_daemon.ledger import OrderLedger
 from cscs_storage_daemon.mapping import InvalidResource, apply_order_changes, map_resource
 from cscs_storage_daemon.metrics import Metrics
 from cscs_storage_daemon.mirror import Change
@@ -45,7 +45,7 @@ class Processor:
     def __init__(
         self,
         *,
-        ledger: Ledger,
+        ledger: OrderLedger,
         stamps: Stamps,
         metrics: Metrics,
         auto_approve: bool = True,

@@ -53,7 +53,7 @@ from cscs_storage_daemon.capture import (
 from cscs_storage_daemon.config import Config, config_from_rendered
 from cscs_storage_daemon.envelope import is_snapshot_file_name
 from cscs_storage_daemon.events import DeadLetter, IgnoredEvent, parse_event
-from cscs_storage_daemon.ledger import Ledger
+from cscs_storage_daemon.ledger import MemoryLedger
 from cscs_storage_daemon.metrics import Metrics
 from cscs_storage_daemon.retry import RetryInfo, RetryPolicy, TransientHTTPStatus
 from cscs_storage_daemon.stamps import Stamps
@@ -356,7 +356,7 @@ class Replayer:
         self.core: Core | None = None
         self.cores: list[Core] = []
         self.summary = ReplaySummary(str(self.capture_path), str(self.output_dir))
-        self.ledger = Ledger(":memory:")
+        self.ledger = MemoryLedger()
         self.written: list[tuple[str, str]] = []  # (offering slug, file name), in write order
         self.files = FileQueue(self._fail)
         self._local = _Local()

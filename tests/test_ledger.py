@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cscs_storage_daemon.ledger import Ledger, OrderRecord
+from cscs_storage_daemon.ledger import Ledger, MemoryLedger, OrderLedger, OrderRecord
 
 ORDER = "0a1b2c3d4e5f40718293a4b5c6d7e8f9"
 RESOURCE = "6a7b8c9d0e1f4cd74859a0b1c2d3e4f5"
@@ -26,16 +26,26 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
     led.close()
 
 
-def intent(led: Ledger, order: str = ORDER, name: str = FIRST_NAME) -> str:
+@pytest.fixture(params=["sqlite", "memory"])
+def any_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OrderLedger]:
+    """The rules hold for both: the daemon's SQLite ledger and the replay's `MemoryLedger`."""
+    led: OrderLedger = Ledger(tmp_path / "ledger.sqlite3") if request.param == "sqlite" else MemoryLedger()
+    yield led
+    led.close()
+
+
+def intent(led: OrderLedger, order: str = ORDER, name: str = FIRST_NAME) -> str:
     return led.record_intent(order, order_type="create", offering="capstor", resource_uuid=RESOURCE, file_name=name)
 
 
-def test_unknown_order(ledger: Ledger) -> None:
+def test_unknown_order(any_ledger: OrderLedger) -> None:
+    ledger = any_ledger
     assert ledger.get(ORDER) is None
     assert ledger.count() == 0
 
 
-def test_lifecycle_intent_written_completed(ledger: Ledger) -> None:
+def test_lifecycle_intent_written_completed(any_ledger: OrderLedger) -> None:
+    ledger = any_ledger
     assert intent(ledger) == FIRST_NAME
     record = ledger.get(ORDER)
     assert record == OrderRecord(ORDER, "create", "capstor", RESOURCE, FIRST_NAME, None, None, None)
@@ -57,8 +67,9 @@ def test_lifecycle_intent_written_completed(ledger: Ledger) -> None:
     assert ledger.count() == 1
 
 
-def test_a_second_intent_keeps_the_reserved_name(ledger: Ledger) -> None:
+def test_a_second_intent_keeps_the_reserved_name(any_ledger: OrderLedger) -> None:
     """A retry a few minutes later would compute another name; the first one is reused: no second file."""
+    ledger = any_ledger
     assert intent(ledger) == FIRST_NAME
     assert intent(ledger, name=LATER_NAME) == FIRST_NAME
     ledger.record_written(ORDER, at="2025-03-14T09:26:53+00:00")
@@ -70,8 +81,9 @@ def test_a_second_intent_keeps_the_reserved_name(ledger: Ledger) -> None:
     assert ledger.count() == 1
 
 
-def test_completed_without_a_file(ledger: Ledger) -> None:
+def test_completed_without_a_file(any_ledger: OrderLedger) -> None:
     """An order erred for an invalid resource: completed, no file."""
+    ledger = any_ledger
     ledger.record_completed(ORDER, order_type="update", offering="capstor", outcome="erred", at="t")
     record = ledger.get(ORDER)
     assert record is not None
@@ -80,7 +92,8 @@ def test_completed_without_a_file(ledger: Ledger) -> None:
     assert record.outcome == "erred"
 
 
-def test_orders_are_independent(ledger: Ledger) -> None:
+def test_orders_are_independent(any_ledger: OrderLedger) -> None:
+    ledger = any_ledger
     other = "1b2c3d4e5f6a47829304b5c6d7e8f9a0"
     intent(ledger)
     intent(ledger, order=other, name=f"2025-03-14-09-27-create_{other}.json")
@@ -132,8 +145,9 @@ def test_in_memory() -> None:
         led.close()
 
 
-def test_concurrent_records_from_threads(ledger: Ledger) -> None:
+def test_concurrent_records_from_threads(any_ledger: OrderLedger) -> None:
     """8 workers record 50 orders each, and all race for one shared order: every step lands, one name wins."""
+    ledger = any_ledger
     shared = "f" * 32
     workers, per_worker = 8, 50
     barrier = threading.Barrier(workers)
