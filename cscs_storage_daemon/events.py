@@ -42,14 +42,15 @@ _MQTT_TOPIC = re.compile(r"^subscription/[0-9a-f]+/offering/[0-9a-f]+/(?P<type>\
 PREVIEW_BYTES = 200
 
 
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
 def normalise_uuid(value: Any) -> str | None:
     """32 lower-case hex digits from a uuid with or without dashes, any case; None if it is not one."""
     if not isinstance(value, str) or len(value) > 64:
         return None
     text = value.replace("-", "").lower()
-    if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
-        return None
-    return text
+    return text if _HEX32.fullmatch(text) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,6 +164,7 @@ class Reply:
 
 
 _LINK = re.compile(r"<([^>]*)>([^<]*)")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 def next_link(header: str) -> str | None:
@@ -189,6 +190,8 @@ def uuid_hex(value: str | uuid_mod.UUID) -> str:
     """32 lowercase hex digits, from a dashed or plain uuid; ValueError for anything else."""
     if isinstance(value, uuid_mod.UUID):
         return value.hex
+    if type(value) is str and _HEX32.fullmatch(value):
+        return value  # already the canonical form (most calls)
     return uuid_mod.UUID(str(value).strip()).hex
 
 
