@@ -52,7 +52,6 @@ from cscs_storage_daemon.capture import (
 )
 from cscs_storage_daemon.config import Config, config_from_rendered
 from cscs_storage_daemon.envelope import is_snapshot_file_name
-from cscs_storage_daemon.events import DeadLetter, IgnoredEvent, parse_event
 from cscs_storage_daemon.ledger import MemoryLedger
 from cscs_storage_daemon.metrics import Metrics
 from cscs_storage_daemon.retry import RetryInfo, RetryPolicy, TransientHTTPStatus
@@ -754,15 +753,7 @@ class Replayer:
             headers={str(k): str(v) for k, v in (headers or {}).items()},
             body=body,
         )
-        _offering, legacy = core.route(delivery)
-        event = parse_event(body, destination=delivery.destination, legacy=legacy)
-        if isinstance(event, DeadLetter):
-            self.summary.events["dead letter"] += 1
-        elif isinstance(event, IgnoredEvent):
-            self.summary.events[f"ignored {event.object_type}"] += 1
-        else:
-            self.summary.events[event.object_type] += 1
-        core.dispatcher.submit(delivery)
+        core.dispatcher.submit(delivery)  # counted by the core's metrics, read back in `_summarise`
 
     def _reload(self, record: Record) -> None:
         from cscs_storage_daemon.daemon import apply_live_settings
@@ -972,16 +963,29 @@ class Replayer:
                 order_files[path] = None
         summary.order_files = list(order_files)
         summary.snapshot_files = [p for p in snapshots if (self.output_dir / p).exists()]
+        received: Counter[str] = Counter()
+        ignored: Counter[str] = Counter()
         for core in self.cores:
             summary.dead_letters += core.dead_letters.count
             for metric in core.metrics.registry.collect():
                 for sample in metric.samples:
-                    if sample.name == "cscs_orders_processed_total":
+                    if sample.name == "cscs_events_received_total":
+                        received[sample.labels["object_type"]] += int(sample.value)
+                    elif sample.name == "cscs_events_ignored_total":
+                        ignored[sample.labels["object_type"]] += int(sample.value)
+                    elif sample.name == "cscs_events_dead_lettered_total":
+                        summary.events["dead letter"] += int(sample.value)
+                    elif sample.name == "cscs_orders_processed_total":
                         summary.orders[sample.labels["outcome"]] += int(sample.value)
                     elif sample.name == "cscs_invalid_resource_reports_total":
                         summary.invalid_resources += int(sample.value)
                     elif sample.name == "cscs_write_failures_total" and sample.value:
                         summary.errors.append(f"{int(sample.value)} {sample.labels['kind']} write(s) failed")
+        for object_type, count in received.items():
+            if count > ignored[object_type]:
+                summary.events[object_type] += count - ignored[object_type]
+            if ignored[object_type]:
+                summary.events[f"ignored {object_type}"] += ignored[object_type]
         if summary.orders.get("erred"):
             summary.errors.append(f"{summary.orders['erred']} order(s) erred")
 
