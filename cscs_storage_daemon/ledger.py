@@ -61,13 +61,13 @@ class _Write:
 
     __slots__ = ("done", "error", "result", "steps")
 
-    def __init__(self, steps: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(self, steps: Callable[[sqlite3.Cursor], Any]) -> None:
         self.steps = steps
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = sqlite3.OperationalError("ledger write not committed")  # until it is
 
-    def run(self, db: sqlite3.Connection) -> None:
+    def run(self, db: sqlite3.Cursor) -> None:
         """In autocommit mode: each statement is its own durable transaction."""
         try:
             self.result = self.steps(db)
@@ -89,8 +89,19 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        # Reads on a connection of their own: in WAL mode they do not wait for a commit's fsync (a read sees every
+        # commit that returned before it began). An in-memory database exists once per connection: one for both.
+        # One cursor for the writes and one for the reads, every SELECT stepped to its end (`fetchall`): no read
+        # transaction stays open between calls, and no cursor per statement for the connection to keep track of.
+        self._reader, self._read_lock = self._db, self._lock
+        if str(path) != ":memory:":
+            self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._reader.execute("PRAGMA query_only=1")
+            self._read_lock = threading.Lock()
+        self._read = self._reader.cursor()
+        self._cursor = self._db.cursor()
 
-    def _write(self, steps: Callable[[sqlite3.Connection], Any]) -> Any:
+    def _write(self, steps: Callable[[sqlite3.Cursor], Any]) -> Any:
         """Run `steps` on the connection and return once they are committed (durable), with their result."""
         write = _Write(steps)
         with self._queue_lock:
@@ -108,7 +119,7 @@ class Ledger:
             self._queued.clear()
         try:
             if len(batch) == 1:
-                batch[0].run(self._db)
+                batch[0].run(self._cursor)
             else:
                 self._commit_together(batch)
         finally:
@@ -116,14 +127,14 @@ class Ledger:
                 write.done = True
 
     def _commit_together(self, batch: list[_Write]) -> None:
-        db = self._db
+        db = self._cursor
         try:
             db.execute("BEGIN IMMEDIATE")
             results = [write.steps(db) for write in batch]
             db.execute("COMMIT")
         except Exception:
             try:
-                if db.in_transaction:
+                if self._db.in_transaction:
                     db.execute("ROLLBACK")
             except Exception as exc:  # the connection is in an unknown state: nothing is claimed durable
                 for write in batch:
@@ -136,24 +147,26 @@ class Ledger:
             write.result, write.error = result, None
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
     def get(self, order_uuid: str) -> OrderRecord | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._read_lock:
+            rows = self._read.execute(
                 "SELECT order_uuid, order_type, offering, resource_uuid, file_name, written_at, completed_at, outcome"
                 " FROM orders WHERE order_uuid = ?",
                 (order_uuid,),
-            ).fetchone()
-        return OrderRecord(*row) if row else None
+            ).fetchall()
+        return OrderRecord(*rows[0]) if rows else None
 
     def record_intent(
         self, order_uuid: str, *, order_type: str, offering: str, resource_uuid: str, file_name: str
     ) -> str:
         """Reserve the order file's name before writing it; an existing reservation is kept and returned."""
 
-        def steps(db: sqlite3.Connection) -> str:
+        def steps(db: sqlite3.Cursor) -> str:
             db.execute(
                 "INSERT INTO orders (order_uuid, order_type, offering, resource_uuid, file_name)"
                 " VALUES (?, ?, ?, ?, ?)"
@@ -161,8 +174,8 @@ class Ledger:
                 " resource_uuid = excluded.resource_uuid",
                 (order_uuid, order_type, offering, resource_uuid, file_name),
             )
-            row = db.execute("SELECT file_name FROM orders WHERE order_uuid = ?", (order_uuid,)).fetchone()
-            return str(row[0])
+            ((name,),) = db.execute("SELECT file_name FROM orders WHERE order_uuid = ?", (order_uuid,)).fetchall()
+            return str(name)
 
         name: str = self._write(steps)
         return name
@@ -183,8 +196,8 @@ class Ledger:
         )
 
     def count(self) -> int:
-        with self._lock:
-            (n,) = self._db.execute("SELECT COUNT(*) FROM orders").fetchone()
+        with self._read_lock:
+            ((n,),) = self._read.execute("SELECT COUNT(*) FROM orders").fetchall()
         return int(n)
 
 
