@@ -20,7 +20,7 @@ code the tests use); each publisher process runs a pool of threads, since one su
    nothing else running, and the most the daemon's one GIL could;
 3. the number of all.json writes caused by a burst of 10 000 resource events (published the same way).
 
-    uv run python bench/bench_events.py [--steady-seconds 20] [--rates 100,200,300,400,600] [--publishers 2]
+    uv run python bench/bench_events.py [--steady-seconds 20] [--rates 100,150,200,250,300,400] [--publishers 2]
         [--workers 4] [--burst 10000]
 
 Figures on the 2-core development machine (shared with other test runs: "other") are in docs/reliability.md
@@ -312,6 +312,7 @@ class Stage:
     elapsed: float  # from the first scheduled publish until every order is done (or the deadline)
     latencies: list[float]  # of the orders done with exactly one file
     publish_errors: list[str]
+    published: float  # orders/s the publishers managed: count / (last publish - first publish)
 
     @property
     def lost(self) -> int:
@@ -343,7 +344,9 @@ def run_orders(fake: FakeProcess, pubs: Publishers, out: Path, rate: float, coun
         found = files.get(uuid, [])
         if at is not None and len(found) == 1 and uuid not in pending:
             latencies.append(found[0].stat().st_mtime - at)
-    return Stage(count, elapsed, latencies, errors)
+    times = [at for at in sent.values() if at is not None]
+    published = len(times) / (max(times) - min(times)) if len(times) > 1 and max(times) > min(times) else math.nan
+    return Stage(count, elapsed, latencies, errors, published)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -359,14 +362,17 @@ def saturation(meter: CpuMeter, gil_bound: Sequence[str]) -> str:
     hot = [name for name in gil_bound if meter.percent(name) >= 90]
     if hot:
         return ", ".join(f"{name} ({meter.percent(name):.0f} % of one core, one GIL)" for name in hot)
-    return f"nothing CPU-bound (machine {meter.machine_percent:.0f} % of {100 * NCPU} %)"
+    return (
+        f"nothing CPU-bound (machine {meter.machine_percent:.0f} % of {100 * NCPU} %): the daemon's workers, each "
+        "waiting on Waldur's answers and fsyncs, are then the likely limit (try --workers)"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steady-rate", type=float, default=50)
     parser.add_argument("--steady-seconds", type=float, default=20)
-    parser.add_argument("--rates", default="100,200,300,400,600")
+    parser.add_argument("--rates", default="100,150,200,250,300,400")
     parser.add_argument("--stage-seconds", type=float, default=10)
     parser.add_argument("--burst", type=int, default=10_000)
     parser.add_argument("--resources", type=int, default=2000)
@@ -464,7 +470,8 @@ def main() -> int:
             sustained = stage.lost == 0 and achieved >= 0.9 * rate
             parties = ", ".join(f"{name} {meter.percent(name):.0f} %" for name in meter.seconds)
             print(
-                f"offered {rate:.0f}/s: {count} orders done in {stage.elapsed:.1f} s = {achieved:.0f} orders/s, "
+                f"offered {rate:.0f}/s (published at {stage.published:.0f}/s): {count} orders done in "
+                f"{stage.elapsed:.1f} s = {achieved:.0f} orders/s, "
                 f"lost/duplicated {stage.lost}, p50 {pct(stage.latencies, 50) * 1000:.0f} ms, "
                 f"p99 {pct(stage.latencies, 99) * 1000:.0f} ms"
                 + (f", publish errors e.g. {stage.publish_errors}" if stage.publish_errors else "")
