@@ -24,6 +24,7 @@ Anything the replay cannot answer from the capture is an error that names the re
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import queue
@@ -1078,36 +1079,42 @@ class ReplayTransport:
 
 
 class FileQueue:
-    """The replay's file writes, made in order on one background thread.
+    """The replay's file writes (and snapshot pruning), made in order on one background thread.
 
     A replay is one thread of Python work; creating a file is mostly waiting for the file system (tens of
     microseconds on a quiet disk, a millisecond behind other processes' fsyncs). Handing the writes to a thread
-    overlaps that wait with the next events. Anything that looks at an output directory `drain`s first, and so does
-    the end of the replay; the first failed write is raised there as a `ReplayError`.
+    overlaps that wait with the next events. Anything that looks at an output directory `drain`s first (on the
+    file thread itself there is nothing to wait for), and so does the end of the replay; the first failed write is
+    raised there as a `ReplayError`.
     """
 
     def __init__(self, fail: Callable[[ReplayError], ReplayError]) -> None:
         self._fail = fail
-        self._queue: queue.SimpleQueue[tuple[Path, bytes, int] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._idle = threading.Condition()
         self._pending = 0
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
 
     def put(self, target: Path, data: bytes, mode: int) -> None:
+        self.later(functools.partial(self._write, target, data, mode))
+
+    def later(self, work: Callable[[], None]) -> None:
+        """Run `work` on the file thread after everything queued before it."""
         self.check()
         with self._idle:
             self._pending += 1
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="replay-files", daemon=True)
             self._thread.start()
-        self._queue.put((target, data, mode))
+        self._queue.put(work)
 
     def drain(self) -> None:
         """Wait until every queued file is written; raise the first failure."""
-        with self._idle:
-            while self._pending:
-                self._idle.wait()
+        if threading.current_thread() is not self._thread:
+            with self._idle:
+                while self._pending:
+                    self._idle.wait()
         self.check()
 
     def check(self) -> None:
@@ -1120,14 +1127,23 @@ class FileQueue:
             self._thread.join()
             self._thread = None
 
+    def _write(self, target: Path, data: bytes, mode: int) -> None:
+        if self._failure is not None:
+            return
+        try:
+            _write_in_place(target, data, mode)
+        except OSError as exc:
+            self._failure = f"the replay could not write {target}: {exc.strerror or exc}"
+
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            target, data, mode = item
+        while (work := self._queue.get()) is not None:
             try:
+                work()
+            except ReplayError:
+                pass  # an earlier failure, already recorded
+            except Exception as exc:  # never let the thread die: `drain` would wait for it forever
                 if self._failure is None:
-                    _write_in_place(target, data, mode)
-            except OSError as exc:
-                self._failure = f"the replay could not write {target}: {exc.strerror or exc}"
+                    self._failure = f"the replay's file thread failed: {type(exc).__name__}: {exc}"
             finally:
                 with self._idle:
                     self._pending -= 1
@@ -1182,8 +1198,19 @@ class ReplayWriter(OutputWriter):
         return super().snapshot_names()
 
     def prune_snapshots(self, keep: int) -> list[str]:
-        self._replayer.files.drain()
-        return super().prune_snapshots(keep)
+        """Pruned on the file thread after the writes before it (the main thread does not wait for them); what it
+        removes is logged there, the caller is told nothing was."""
+        self._replayer.files.later(functools.partial(self._prune, keep))
+        return []
+
+    def _prune(self, keep: int) -> None:
+        try:
+            pruned = super().prune_snapshots(keep)
+        except OSError as exc:  # as live: a failed prune is reported, the replay goes on
+            log.error("snapshot.prune_failed", offering=self._slug, error=f"{type(exc).__name__}: {exc}")
+        else:
+            if pruned:
+                log.debug("snapshot.pruned", offering=self._slug, files=len(pruned))
 
 
 # --------------------------------------------------------------------------------------------------------------
