@@ -28,6 +28,7 @@ from cscs_storage_daemon.debounce import DebounceRules
 from cscs_storage_daemon.dispatcher import DeadLetterLog, Dispatcher
 from cscs_storage_daemon.gateway import WaldurError
 from cscs_storage_daemon.ledger import Ledger, OrderLedger
+from cscs_storage_daemon.memory import MemoryTrimmer
 from cscs_storage_daemon.metrics import Metrics
 from cscs_storage_daemon.processor import Processor
 from cscs_storage_daemon.reconciler import Reconciler
@@ -255,7 +256,9 @@ class Daemon:
 
     def loop(self) -> None:
         interval = self.notifier.watchdog_interval() or 5.0
+        trimmer = MemoryTrimmer()
         while not self._stop.wait(min(interval, 1.0)):
+            trimmer.due()
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
