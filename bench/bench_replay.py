@@ -18,13 +18,14 @@ Generating takes a minute or two and is cached in DIR (default: a directory unde
 only the replay (`cscs_storage_daemon.replay.replay`, output into DIR/replayed) is timed. Goal on the 2-core
 reference machine: at least 5 000 events/s.
 
-Figures (2-core machine shared with other test runs, load 1-3; 100 000 events, 127 219 exchanges, 17 000 order
-files, 33 all.json): 1 067 events/s at the start of this work; after the gateway's transport layer (no
-`httpx.Client`, no HTTP objects in a replay), the first attempt outside tenacity, the replay's `MemoryLedger`, its
-background `FileQueue`, the capture read with the collector off and orjson-rendered order files: 3 500-4 100
-events/s wall (24-29 s), 20.7-25 s CPU (4 000-4 840 events per CPU second). Where the CPU goes now: handling order
-events ~30 %, resource events ~18 % (a recorded answer parsed, the resource mapped into the mirror), the recorded
-all.json regenerations ~15 %, reading the 440 MB capture ~10 %, event parsing and dispatch ~10 %.
+Figures (2-core machine shared with other work; 100 000 events, 127 219 exchanges, 17 000 order files, 33
+all.json): 1 067 events/s at the start of this work. After the gateway's transport layer (no `httpx.Client`, no
+HTTP objects in a replay), the first attempt outside tenacity, the replay's `MemoryLedger`, its background
+`FileQueue` (writes and snapshot pruning), the capture read with the collector off, rare young collections and
+orjson-rendered order files: 3 950-6 120 events/s wall (16.4-25.3 s), and the CPU time of the very same work varied
+as much (16.5-24 s) from run to run on this virtual machine; the goal was reached in 2 of 9 runs. Where the CPU
+goes: handling order events ~26 %, resource events ~21 % (a recorded answer parsed, the resource mapped into the
+mirror), the recorded all.json regenerations ~17 %, reading the 440 MB capture ~13 %, event dispatch ~8 %.
 """
 
 from __future__ import annotations
