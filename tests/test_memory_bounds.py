@@ -26,10 +26,10 @@ from cscs_storage_daemon.config import load_config
 from cscs_storage_daemon.daemon import Core, build_core
 from cscs_storage_daemon.testing.fake_waldur import FakeWaldur
 from cscs_storage_daemon.transports.base import Delivery
+from tests.fixtures.config_files import sample_offering
 from tests.fixtures.inprocess_waldur import InProcessWaldur
 
 LIVE = 20  # live resources per offering
-STORAGE = {"measured_unit": "TB", "accounting_type": "limit", "label": "Storage", "unit_factor": 1}
 
 
 def retained(root: object, *, stop: tuple[object, ...]) -> tuple[int, int]:
@@ -128,15 +128,14 @@ def driven(tmp_path: Path) -> Iterator[tuple[Core, Driver, FakeWaldur]]:
     }
     config = {
         "offerings": [
-            {
-                "name": f"CSCS {o.slug}",
-                "waldur_api_url": fake.url,
-                "waldur_api_token": fake.token,
-                "waldur_offering_uuid": o.uuid,
-                "backend_type": "cscs-hpc-storage",
-                "backend_settings": {"output_directory": str(tmp_path / "out" / o.slug), "snapshot_retention": 2},
-                "backend_components": {"storage": dict(STORAGE)},
-            }
+            sample_offering(
+                o.slug,
+                output_directory=tmp_path / "out" / o.slug,
+                backend_settings={"snapshot_retention": 2},
+                waldur_api_url=fake.url,
+                waldur_api_token=fake.token,
+                waldur_offering_uuid=o.uuid,
+            )
             for o in offerings
         ],
         "daemon": {

@@ -13,6 +13,7 @@ from cscs_storage_daemon.config import config_from_data
 from cscs_storage_daemon.daemon import Core, build_core
 from cscs_storage_daemon.testing.fake_waldur import FakeWaldur
 from cscs_storage_daemon.testing.sample_data import populate
+from tests.fixtures.config_files import sample_offering
 
 
 @pytest.fixture
@@ -22,17 +23,13 @@ def core_and_fake(tmp_path: Path) -> Iterator[tuple[Core, FakeWaldur]]:
         config = config_from_data(
             {
                 "offerings": [
-                    {
-                        "name": "CSCS capstor",
-                        "waldur_api_url": fake.url,
-                        "waldur_api_token": fake.token,
-                        "waldur_offering_uuid": offering.uuid,
-                        "backend_type": "cscs-hpc-storage",
-                        "backend_settings": {"output_directory": str(tmp_path / "out")},
-                        "backend_components": {
-                            "storage": {"measured_unit": "TB", "accounting_type": "limit", "label": "Storage"}
-                        },
-                    }
+                    sample_offering(
+                        "capstor",
+                        output_directory=tmp_path / "out",
+                        waldur_api_url=fake.url,
+                        waldur_api_token=fake.token,
+                        waldur_offering_uuid=offering.uuid,
+                    )
                 ],
                 "daemon": {"state_directory": str(tmp_path / "state"), "http": {"enabled": False}},
             },
