@@ -256,3 +256,116 @@ def _compact(value: Any) -> bytes:
         return orjson.dumps(value)
     except TypeError:
         return json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+class RenderedObjects:
+    """Storage objects rendered for all.json once each, reused while the same objects come back.
+
+    The mirror keeps a storage object until its resource changes (a change replaces it with a new dict, never edits
+    it in place), so between two regenerations most objects are the very same dicts: each is rendered once (the
+    bytes it has inside the all.json list, `render_pieces`' layout) with a digest of those bytes, and a regeneration
+    joins cached bytes (`pieces`) and hashes 16-byte digests (`key`) instead of rendering and hashing everything.
+    Costs the rendered bytes of the current objects in memory (~1.6 KB a resource); `forget` drops them.
+
+    Keyed by identity: an entry holds its object, so an id is never reused while cached; what `prepare` was not
+    given is dropped from the cache.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[dict[str, Any], bytes, bytes]] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def forget(self) -> None:
+        self._cache = {}
+
+    def prepare(self, document: dict[str, Any]) -> PreparedSnapshot | None:
+        """The key and pieces of a snapshot envelope; None when it is not one this renders (the caller takes
+        `content_key` and `render_pieces`), or when a value needs the standard library's refusal (NaN, say)."""
+        result = document.get("result")
+        if not isinstance(result, dict):
+            return None
+        resources = result.get("storageResources")
+        if type(resources) is not list or not resources or set(map(type, resources)) != {dict}:
+            return None
+        try:
+            shell = _standard({**document, "result": {**result, "storageResources": []}}) + b"\n"
+        except (ValueError, TypeError):
+            return None
+        at = shell.find(_RESOURCES_KEY)
+        if at < 0 or shell.find(_RESOURCES_KEY, at + 1) >= 0 or not shell[:at].endswith(b"\n    "):
+            return None
+        old = self._cache
+        cache: dict[int, tuple[dict[str, Any], bytes, bytes]] = {}
+        fresh = [r for r in resources if id(r) not in old]
+        try:
+            rendered = _render_each(fresh)
+        except (ValueError, TypeError, RecursionError):
+            return None
+        for resource, data in zip(fresh, rendered, strict=True):
+            old[id(resource)] = (resource, data, hashlib.blake2b(data, digest_size=16).digest())
+        elements: list[bytes] = []
+        digest = hashlib.sha256(_compact({"result": {**result, "storageResources": len(resources)}}))
+        digest.update(_compact({"status": document.get("status"), "code": document.get("code")}))
+        digests: list[bytes] = []
+        for resource in resources:
+            entry = cache[id(resource)] = old[id(resource)]
+            elements.append(entry[1])
+            digests.append(entry[2])
+        digest.update(b"".join(digests))
+        self._cache = cache
+        after_list = at + len(_RESOURCES_KEY)
+        return PreparedSnapshot(
+            key=b"r" + digest.digest(),
+            head=shell[: after_list - 1],
+            elements=elements,
+            tail=_CLOSE_LIST + shell[after_list:],
+        )
+
+
+class PreparedSnapshot:
+    """An all.json ready to write: `key` (compare with earlier keys of the same `RenderedObjects`) and `pieces`."""
+
+    __slots__ = ("elements", "head", "key", "tail")
+
+    def __init__(self, *, key: bytes, head: bytes, elements: list[bytes], tail: bytes) -> None:
+        self.key = key
+        self.head = head
+        self.elements = elements
+        self.tail = tail
+
+    def pieces(self) -> Iterator[bytes]:
+        """`render_pieces(document)`'s bytes, in pieces of `PIECE_RESOURCES` resources."""
+        yield self.head
+        elements = self.elements
+        for start in range(0, len(elements), PIECE_RESOURCES):
+            if start:
+                yield b","
+            yield b",".join(elements[start : start + PIECE_RESOURCES])
+        yield self.tail
+
+
+def _render_each(resources: list[dict[str, Any]]) -> list[bytes]:
+    """Each storage object as it appears in the all.json list (its leading newline and indentation included)."""
+    if not resources:
+        return []
+    if _orjson_writes_the_same(resources):
+        try:
+            return [_element(orjson.dumps({"": {"": [r]}}, option=orjson.OPT_INDENT_2)) for r in resources]
+        except TypeError:
+            pass
+    out = []
+    for resource in resources:
+        data = None
+        if _orjson_writes_the_same([resource]):
+            try:
+                data = orjson.dumps({"": {"": [resource]}}, option=orjson.OPT_INDENT_2)
+            except TypeError:
+                pass
+        out.append(_element(data if data is not None else _standard({"": {"": [resource]}})))
+    return out
+
+
+def _element(wrapped: bytes) -> bytes:
+    return wrapped[_WRAP_HEAD : len(wrapped) - _WRAP_TAIL]

@@ -732,6 +732,7 @@ class Replayer:
             offering.writer = ReplayWriter.wrap(offering.writer, self, offering.slug)
             offering.mirror._clock = clock.timestamp
         core.dispatcher.write_retry_delay = 0.0
+        core.scheduler.keep_rendered = True  # every recorded regeneration renders only what changed since the last
         reconciler: Any = core.reconciler
         reconciler._stop = _PassStop(self)  # a pass stops taking orders where the live one did (SIGTERM)
         self.core = core

@@ -15,7 +15,13 @@ from datetime import datetime
 import structlog
 
 from cscs_storage_daemon.debounce import Debouncer, DebounceRules
-from cscs_storage_daemon.envelope import content_key, render_pieces, snapshot_envelope, snapshot_file_name
+from cscs_storage_daemon.envelope import (
+    RenderedObjects,
+    content_key,
+    render_pieces,
+    snapshot_envelope,
+    snapshot_file_name,
+)
 from cscs_storage_daemon.metrics import Metrics
 from cscs_storage_daemon.runtime import OfferingRuntime
 from cscs_storage_daemon.stamps import Stamps
@@ -46,6 +52,18 @@ class SnapshotScheduler:
         self._thread: threading.Thread | None = None
         self.last_tick = time.monotonic()
         self.writes = 0
+        # Rendered storage objects kept between regenerations (`RenderedObjects`): a regeneration renders only what
+        # changed since the last one, at the cost of the rendered feed in memory. Off by default (the daemon's
+        # regenerations run on the timer thread, at most once per quiet period); the replay turns it on.
+        self._rendered: dict[str, RenderedObjects] | None = None
+
+    @property
+    def keep_rendered(self) -> bool:
+        return self._rendered is not None
+
+    @keep_rendered.setter
+    def keep_rendered(self, keep: bool) -> None:
+        self._rendered = {slug: RenderedObjects() for slug in self.offerings} if keep else None
 
     def _now(self) -> float:
         return self.stamps.clock.monotonic()
@@ -72,7 +90,8 @@ class SnapshotScheduler:
                 objects = offering.mirror.storage_objects()
             local = reading.astimezone(offering.zone)
             document = snapshot_envelope(objects, date=local)
-            key = content_key(document)
+            prepared = self._rendered[slug].prepare(document) if self._rendered is not None else None
+            key = prepared.key if prepared is not None else content_key(document)
             with self._cond:
                 heartbeat = debouncer.heartbeat_due(now)
             unchanged = self._last_key.get(slug) == key
@@ -83,7 +102,8 @@ class SnapshotScheduler:
                 return False
             name = snapshot_file_name(local)
             try:
-                offering.writer.write_pieces(name, render_pieces(document))
+                pieces = prepared.pieces() if prepared is not None else render_pieces(document)
+                offering.writer.write_pieces(name, pieces)
                 pruned = offering.writer.prune_snapshots(offering.snapshot_retention)
             except OSError as exc:
                 with self._cond:

@@ -85,9 +85,10 @@ def clock() -> FixedClock:
     return FixedClock(START)
 
 
-@pytest.fixture
-def harness(tmp_path: Path, clock: FixedClock) -> Iterator[Harness]:
+@pytest.fixture(params=[False, True], ids=["render-all", "keep-rendered"])
+def harness(tmp_path: Path, clock: FixedClock, request: pytest.FixtureRequest) -> Iterator[Harness]:
     h = Harness(tmp_path / "out", clock)
+    h.scheduler.keep_rendered = request.param
     yield h
     h.scheduler.stop(flush=False, timeout=5)
 
