@@ -79,8 +79,7 @@ class Core:
     def fill(self) -> None:
         """Fill every mirror from every page and write the first all.json of each offering."""
         for offering in self.offerings:
-            resources = offering.gateway.list_resources(offering.uuid)
-            changes = offering.mirror.replace_all(resources)
+            changes = offering.read_all()
             self.processor._after_change(offering, changes)
             self.scheduler.regenerate(offering, force=True)
 
@@ -369,8 +368,7 @@ def serve_once(
     daemon.core = core
     try:
         for offering in core.offerings:
-            resources = offering.gateway.list_resources(offering.uuid)
-            core.processor._after_change(offering, offering.mirror.replace_all(resources))
+            core.processor._after_change(offering, offering.read_all())
     except WaldurError as exc:
         log.error("serve.sync_failed", error=str(exc)[:500])
         core.close()

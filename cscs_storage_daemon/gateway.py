@@ -28,7 +28,7 @@ import uuid as uuid_mod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -123,6 +123,31 @@ class WaldurPaginationError(WaldurError):
 
 class _ListingChanged(Exception):
     """The collection changed while it was being paged through; start over."""
+
+
+class ListingSink(Protocol):
+    """Where a listing's items go, a page at a time (the mirror's `MirrorListing`, or `CollectedListing`)."""
+
+    def take(self, items: list[dict[str, Any]]) -> None:
+        """One page's items, in order (each a JSON object, uuids not repeated within the listing)."""
+        ...
+
+    def restart(self) -> None:
+        """Forget every item taken: the listing starts over (the collection changed under it)."""
+        ...
+
+
+class CollectedListing:
+    """A `ListingSink` that keeps every item in a list."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def take(self, items: list[dict[str, Any]]) -> None:
+        self.items.extend(items)
+
+    def restart(self) -> None:
+        self.items = []
 
 
 def api_root(api_url: str) -> str:
@@ -253,8 +278,16 @@ class WaldurGateway:
 
     def list_resources(self, offering_uuid: str | uuid_mod.UUID) -> list[dict[str, Any]]:
         """Every resource of the offering (all pages, checked against ``X-Result-Count``)."""
+        collected = CollectedListing()
+        self.read_resources(offering_uuid, collected)
+        return collected.items
+
+    def read_resources(self, offering_uuid: str | uuid_mod.UUID, into: ListingSink) -> int:
+        """Every resource of the offering, handed to `into` a page at a time as each page arrives, so no more than
+        one page's JSON is held here. Returns how many (checked against ``X-Result-Count``); when it raises, what
+        `into` took is incomplete."""
         kwargs = marketplace_provider_resources_list._get_kwargs(offering_uuid=[uuid_hex(offering_uuid)])
-        return self._list_all("list_resources", kwargs)
+        return self._list_all("list_resources", kwargs, into)
 
     def get_resource(self, resource_uuid: str | uuid_mod.UUID) -> dict[str, Any]:
         kwargs = marketplace_provider_resources_retrieve._get_kwargs(uuid_hex(resource_uuid))
@@ -279,7 +312,7 @@ class WaldurGateway:
             offering_uuid=uuid_hex(offering_uuid),
             state=[OrderState(state) for state in states],
         )
-        return self._list_all("list_orders", kwargs)
+        return self._list_collected("list_orders", kwargs)
 
     def approve_order(self, order_uuid: str | uuid_mod.UUID) -> None:
         """pending-provider → executing. Any other state: `WaldurRejected` with status 409."""
@@ -323,7 +356,7 @@ class WaldurGateway:
         """The agent identity called ``name`` for the offering, or None."""
         offering = uuid_hex(offering_uuid)
         kwargs = marketplace_site_agent_identities_list._get_kwargs(name=name)
-        for identity in self._list_all("find_agent_identity", kwargs):
+        for identity in self._list_collected("find_agent_identity", kwargs):
             if identity.get("name") != name:
                 continue
             try:
@@ -577,14 +610,22 @@ class WaldurGateway:
             )
         return body
 
-    def _list_all(self, operation: str, kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Every page of a list endpoint; restarts when the collection changes under the listing."""
+    def _list_collected(self, operation: str, kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
+        collected = CollectedListing()
+        self._list_all(operation, kwargs, collected)
+        return collected.items
+
+    def _list_all(self, operation: str, kwargs: Mapping[str, Any], into: ListingSink) -> int:
+        """Every page of a list endpoint into `into`; starts over (`into.restart()`) when the collection changes
+        under the listing. Returns the number of items."""
         method = str(kwargs["method"]).upper()
         path = str(kwargs["url"])
         reason = ""
         for attempt in range(LISTING_RESTARTS + 1):
+            if attempt:
+                into.restart()
             try:
-                return self._list_once(operation, kwargs, method, path)
+                return self._list_once(operation, kwargs, method, path, into)
             except _ListingChanged as exc:
                 reason = str(exc)
                 log.info("waldur.listing_restarted", method=method, path=path, attempt=attempt + 1, reason=reason)
@@ -595,10 +636,10 @@ class WaldurGateway:
             status=200,
         )
 
-    def _list_once(self, operation: str, kwargs: Mapping[str, Any], method: str, path: str) -> list[dict[str, Any]]:
+    def _list_once(self, operation: str, kwargs: Mapping[str, Any], method: str, path: str, into: ListingSink) -> int:
         base_params = {k: v for k, v in dict(kwargs.get("params") or {}).items() if k != "page"}
         base_params["page_size"] = self._page_size
-        items: list[dict[str, Any]] = []
+        taken = 0
         seen: set[str] = set()
         expected: int | None = None
         page = 1
@@ -634,18 +675,21 @@ class WaldurGateway:
                     if key in seen:
                         raise _ListingChanged(f"item {key} seen twice")
                     seen.add(key)
-                items.append(item)
+            page_items = len(body)
+            into.take(body)
+            taken += page_items
+            del body  # the sink keeps what it needs of the page
             next_page = self._next_page(reply.answer, fail)
             if next_page is None:
                 break
             if next_page <= page:
                 raise fail(f"Link rel=next points back to page {next_page} from page {page}")
-            if pages > expected // max(len(body), 1) + 2:
+            if pages > expected // max(page_items, 1) + 2:
                 raise fail(f"more pages than {expected} items can fill")
             page = next_page
-        if len(items) != expected:
-            raise fail(f"got {len(items)} items but X-Result-Count is {expected}")
-        return items
+        if taken != expected:
+            raise fail(f"got {taken} items but X-Result-Count is {expected}")
+        return taken
 
     @staticmethod
     def _result_count(answer: Answer, fail: Callable[[str], WaldurPaginationError]) -> int:

@@ -35,6 +35,7 @@ from cscs_storage_daemon.numbers import (
 )
 
 __all__ = [
+    "MAPPED_FIELDS",
     "InvalidResource",
     "MappingSettings",
     "WarnCallback",
@@ -68,6 +69,9 @@ _TARGET_TYPE: Final[dict[str, str]] = {
     "scratch": "user",
 }
 _REQUIRED_STRINGS: Final = ("uuid", "slug", "offering_slug", "customer_slug", "project_slug")
+#: Every top-level field of a Waldur resource that `map_resource` reads: its result (storage object or error, and
+#: its warnings) depends on these alone, so a resource cut down to them maps the same (the mirror keeps no more).
+MAPPED_FIELDS: Final = (*_REQUIRED_STRINGS, "state", "attributes", "options", "limits", "backend_metadata")
 _SEGMENT_FIELDS: Final = ("slug", "offering_slug", "customer_slug", "project_slug")
 _EMPTY: Final[Mapping[str, Any]] = {}
 _LOWER_HEX_DIGITS: Final = "0123456789abcdef"

@@ -106,8 +106,7 @@ class Processor:
     def reconcile(self, offering: OfferingRuntime, *, stop: threading.Event | None = None) -> int:
         """List every resource page (refresh the mirror) and process every open order. Returns orders handled.
         Once `stop` is set (SIGTERM), no further order is taken: the one in hand is finished, the rest waits."""
-        resources = offering.gateway.list_resources(offering.uuid)
-        changes = offering.mirror.replace_all(resources)
+        changes = offering.read_all()
         expired = offering.mirror.expire_removed()
         if expired:
             log.info("resource.expired", offering=offering.slug, count=len(expired))

@@ -11,7 +11,7 @@ import httpx
 
 from cscs_storage_daemon.gateway import WaldurGateway
 from cscs_storage_daemon.mapping import MappingSettings
-from cscs_storage_daemon.mirror import OfferingMirror
+from cscs_storage_daemon.mirror import Change, OfferingMirror
 from cscs_storage_daemon.retry import RetryInfo, RetryPolicy
 from cscs_storage_daemon.waldur_transport import WaldurTransport
 from cscs_storage_daemon.writer import OutputWriter
@@ -31,6 +31,13 @@ class OfferingRuntime:
     gateway: WaldurGateway
     mirror: OfferingMirror
     writer: OutputWriter
+
+    def read_all(self) -> list[Change]:
+        """Every resource page from Waldur into the mirror (one step, once the listing is complete: a listing that
+        fails changes nothing). Each page is mapped as it arrives, so the listing's raw JSON is never all held."""
+        with self.mirror.listing() as listing:
+            self.gateway.read_resources(self.uuid, listing)
+            return self.mirror.replace_all(listing)
 
 
 def open_offering(

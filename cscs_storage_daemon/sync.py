@@ -69,16 +69,17 @@ def run_sync(
             log.error("sync.failed", offering=offering_config.name, error=report.error)
             continue
         report.offering = runtime.slug
-        try:
-            resources = runtime.gateway.list_resources(runtime.uuid)
-        except WaldurError as exc:
-            report.error = str(exc)
-            log.error("sync.failed", offering=runtime.slug, error=report.error)
-            continue
-        finally:
-            runtime.gateway.close()
-        changes = runtime.mirror.replace_all(resources)
-        report.resources = len(resources)
+        with runtime.mirror.listing() as listing:  # each page mapped as it arrives: never the whole raw listing
+            try:
+                count = runtime.gateway.read_resources(runtime.uuid, listing)
+            except WaldurError as exc:
+                report.error = str(exc)
+                log.error("sync.failed", offering=runtime.slug, error=report.error)
+                continue
+            finally:
+                runtime.gateway.close()
+            changes = runtime.mirror.replace_all(listing)
+        report.resources = count
         for change in changes:
             if change.error is not None:
                 report.invalid.append(str(change.error))

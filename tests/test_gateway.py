@@ -107,6 +107,58 @@ def test_list_resources_every_page(
     assert [r.query.get("page") for r in listing] == [None] + [[str(p)] for p in range(2, pages + 1)]
 
 
+class RecordingSink:
+    """A listing sink that notes what it is told, and how many requests Waldur had seen by then."""
+
+    def __init__(self, fake: FakeWaldur) -> None:
+        self.fake = fake
+        self.calls: list[tuple[str, int, int]] = []  # (call, items, requests so far)
+        self.items: list[dict[str, Any]] = []
+
+    def take(self, items: list[dict[str, Any]]) -> None:
+        self.calls.append(("take", len(items), len(self.fake.requests)))
+        self.items.extend(items)
+
+    def restart(self) -> None:
+        self.calls.append(("restart", 0, len(self.fake.requests)))
+        self.items = []
+
+
+def test_read_resources_hands_over_each_page_as_it_arrives(
+    fake_waldur: FakeWaldur, waldur_gateway_factory: GatewayFactory
+) -> None:
+    offering_uuid = offering_with(fake_waldur, 250)
+    sink = RecordingSink(fake_waldur)
+    assert waldur_gateway_factory(page_size=100).read_resources(offering_uuid, sink) == 250
+    # Page n is handed over before page n+1 is asked for: the gateway holds one page at a time.
+    assert sink.calls == [("take", 100, 1), ("take", 100, 2), ("take", 50, 3)]
+    assert [r["uuid"] for r in sink.items] == fake_waldur.resource_uuids(offering_uuid)
+
+
+def test_a_listing_that_starts_over_tells_the_sink(fake_waldur: FakeWaldur) -> None:
+    offering_uuid = offering_with(fake_waldur, 150)
+    transport = _AfterFirstPage(lambda: fake_waldur.add_resource(offering_uuid, slug="late"))
+    sink = RecordingSink(fake_waldur)
+    with WaldurGateway(fake_waldur.url, fake_waldur.token, retry=FAST_RETRY, transport=transport) as gateway:
+        assert gateway.read_resources(offering_uuid, sink) == 151
+    # Page 2 answers with the new count: nothing of it is handed over, the listing starts again.
+    assert [call for call, _, _ in sink.calls] == ["take", "restart", "take", "take"]
+    assert len({r["uuid"] for r in sink.items}) == 151
+
+
+def test_a_listing_that_does_not_add_up_fails_after_handing_over_its_pages(
+    fake_waldur: FakeWaldur, waldur_gateway: WaldurGateway
+) -> None:
+    # The count is checked once every page is in: the caller must not use what the sink took (the mirror's
+    # listing is only applied once the gateway returns).
+    offering_uuid = offering_with(fake_waldur, 120)
+    fake_waldur.result_count_delta = 1
+    sink = RecordingSink(fake_waldur)
+    with pytest.raises(WaldurPaginationError, match="120 items"):
+        waldur_gateway.read_resources(offering_uuid, sink)
+    assert [n for _, n, _ in sink.calls] == [100, 20]
+
+
 def test_list_resources_with_the_servers_default_page_size(fake_waldur: FakeWaldur) -> None:
     # The fake caps page_size at 300, so a gateway asking for more still pages correctly through Link.
     offering_uuid = offering_with(fake_waldur, 650)

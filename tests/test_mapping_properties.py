@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cscs_storage_daemon.mapping import InvalidResource, MappingSettings, map_resource, uuid_hex
+from cscs_storage_daemon.mirror import kept_fields
 from cscs_storage_daemon.numbers import is_numeric_string, parse_number, uuid5_oid
 
 BOUNDED = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -164,6 +165,32 @@ def test_mapping_returns_writable_object_or_invalid_resource(
         json.dumps(fields)
     # deterministic: the same input maps to the same output
     assert map_resource(resource, mapping_settings) == result
+
+
+def outcome(resource: dict[str, Any], mapping_settings: MappingSettings) -> tuple[Any, list[Any]]:
+    """What mapping `resource` gives: the storage object or the error's (uuid, field, message), and the warnings."""
+    warnings: list[Any] = []
+    try:
+        result: Any = map_resource(resource, mapping_settings, warn=lambda e, f: warnings.append((e, f)))
+    except InvalidResource as error:
+        result = (error.resource_id, error.field, error.message)
+    return result, warnings
+
+
+@BOUNDED
+@given(
+    resource=resources,
+    extra=st.dictionaries(st.sampled_from(["name", "created", "report", "current_usages", "url"]), json_values),
+    mapping_settings=st.sampled_from(SETTINGS),
+)
+def test_a_resource_cut_down_to_the_fields_the_mirror_keeps_maps_the_same(
+    resource: dict[str, Any], extra: dict[str, Any], mapping_settings: MappingSettings
+) -> None:
+    # The mirror keeps `KEPT_FIELDS` of a resource and maps that: the same object, error and warnings must come out.
+    full = {**extra, **resource}
+    kept = kept_fields(full)
+    assert set(kept) <= set(full)
+    assert outcome(kept, mapping_settings) == outcome(full, mapping_settings)
 
 
 @BOUNDED

@@ -5,13 +5,22 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
+from cscs_storage_daemon.api.query import RAW_FIELDS
+from cscs_storage_daemon.gateway import WaldurGateway, WaldurPaginationError
 from cscs_storage_daemon.mapping import MappingSettings, map_resource
-from cscs_storage_daemon.mirror import OfferingMirror
+from cscs_storage_daemon.mirror import KEPT_FIELDS, OfferingMirror, kept_json, parse_kept_json
+from cscs_storage_daemon.runtime import OfferingRuntime
+from cscs_storage_daemon.testing.fake_waldur import FakeWaldur
+from cscs_storage_daemon.testing.sample_data import populate
+from cscs_storage_daemon.writer import OutputWriter
+from tests.fixtures.waldur import FAST_RETRY
 
 GOLDEN: dict[str, Any] = json.loads(Path("/work/shared/golden/api/resource.json").read_text())
 DAY = 86400.0
@@ -304,3 +313,123 @@ def test_concurrent_applies(mirror: OfferingMirror) -> None:
         thread.join(60)
     assert len(mirror) == 400
     assert len(mirror.storage_objects()) == 400
+
+
+# ------------------------------------------------------------------------------------ what a resource costs
+
+
+def test_only_the_kept_fields_of_a_resource_stay(mirror: OfferingMirror) -> None:
+    resource = raw(1)
+    assert len(resource) > 2 * len(KEPT_FIELDS)  # the golden resource has far more fields than are kept
+    mirror.apply(resource)
+    entry = mirror.get(resource["uuid"])
+    assert entry is not None
+    assert entry.raw == {name: resource[name] for name in KEPT_FIELDS if name in resource}
+    # What the HTTP API's debug view shows is kept.
+    assert set(RAW_FIELDS) <= set(KEPT_FIELDS)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ({"limits": {"storage": None}}, {"limits": {"storage": float("nan")}}),
+        ({"limits": {"storage": None}}, {"limits": {"storage": float("inf")}}),
+        ({"limits": {"storage": 2**64}}, {"limits": {"storage": 2**64 + 1}}),
+        ({"name": "\ud800"}, {"name": "\ud801"}),
+        ({"limits": {"storage": 1}}, {"limits": {"storage": 1.0}}),
+        ({"state": "OK"}, {"state": "OK", "name": None}),
+    ],
+)
+def test_the_kept_json_tells_apart_what_maps_differently(one: dict[str, Any], other: dict[str, Any]) -> None:
+    # Equal bytes mean "not mapped again": two different inputs must never give the same bytes.
+    assert kept_json(one) != kept_json(other)
+    for value in (one, other):
+        assert kept_json(value) == kept_json(copy.deepcopy(value))
+        back = parse_kept_json(kept_json(value))
+        assert json.dumps(back, allow_nan=True) == json.dumps(value, allow_nan=True)
+
+
+def test_a_non_finite_limit_is_mapped_again_after_a_null_one(mirror: OfferingMirror) -> None:
+    fine = raw(1, limits={"storage": None})
+    mirror.replace_all([fine])
+    assert mirror.invalid_count == 0
+    changes = mirror.replace_all([raw(1, limits={"storage": float("nan")})])
+    assert changes[0].error is not None and changes[0].error.field.startswith("limits")
+
+
+class Bulky:
+    """A value that can be watched (a weak reference) to see whether the mirror still holds it."""
+
+
+def test_a_listing_does_not_hold_the_fields_it_does_not_keep(mirror: OfferingMirror) -> None:
+    bulky = Bulky()
+    watch = weakref.ref(bulky)
+    listing = mirror.listing()
+    listing.take([raw(1, report=bulky), raw(2)])
+    del bulky
+    mirror.replace_all(listing)
+    del listing
+    assert watch() is None
+    assert len(mirror.storage_objects()) == 2
+
+
+def test_an_unchanged_resource_is_not_mapped_again_by_a_listing(clock: FakeClock) -> None:
+    warnings: list[tuple[str, dict[str, Any]]] = []
+    mirror = OfferingMirror("capstor", MappingSettings(), clock=clock, warn=lambda e, f: warnings.append((e, f)))
+    odd = raw(1, attributes={**GOLDEN["attributes"], "storage_data_type": "odd"})  # maps, with a warning
+    mirror.replace_all([odd, raw(2)])
+    assert len(warnings) == 1
+    first = mirror.storage_objects()
+    version = mirror.version
+    # The same resources again, with fields the mirror does not keep changed: nothing is mapped or changed.
+    changes = mirror.replace_all([{**odd, "modified": odd["modified"], "report": "new"}, {**raw(2), "url": "x"}])
+    assert not any(change.changed for change in changes)
+    assert len(warnings) == 1
+    assert [a is b for a, b in zip(mirror.storage_objects(), first, strict=True)] == [True, True]
+    assert mirror.version == version
+    # A kept field that changes is mapped again.
+    mirror.replace_all([{**odd, "name": "renamed"}, raw(2)])
+    assert len(warnings) == 2
+    assert mirror.version > version
+
+
+def test_an_unchanged_invalid_resource_is_reported_once(mirror: OfferingMirror) -> None:
+    first = mirror.replace_all([raw(1), invalid(2)])
+    assert [c.new_error for c in first if c.error] == [True]
+    again = mirror.replace_all([raw(1), invalid(2)])
+    assert [(c.error is not None, c.new_error) for c in again] == [(False, False), (True, False)]
+
+
+def test_a_listing_that_fails_half_way_changes_nothing(fake_waldur: FakeWaldur) -> None:
+    offering = populate(fake_waldur, ["capstor"], n=150).offerings[0]
+    with WaldurGateway(fake_waldur.url, fake_waldur.token, retry=FAST_RETRY) as gateway:
+        runtime = OfferingRuntime(
+            uuid=offering.uuid,
+            slug="capstor",
+            name="capstor",
+            settings=MappingSettings(),
+            zone=ZoneInfo("UTC"),
+            snapshot_retention=10,
+            gateway=gateway,
+            mirror=OfferingMirror("capstor", MappingSettings()),
+            writer=OutputWriter(Path("/nonexistent-never-written")),
+        )
+        runtime.read_all()
+        before = runtime.mirror.storage_objects()
+        version = runtime.mirror.version
+        assert before
+        # Waldur changes a resource, then the listing does not add up once page 2 is in.
+        changed = fake_waldur.resource_uuids(offering.uuid)[0]
+        fake_waldur.put_resource({**fake_waldur.resource(changed), "name": "changed"})
+        fake_waldur.result_count_delta = 1
+        with pytest.raises(WaldurPaginationError):
+            runtime.read_all()
+        assert runtime.mirror.version == version
+        assert runtime.mirror.storage_objects() == before
+        entry = runtime.mirror.get(changed)
+        assert entry is not None and entry.raw.get("name") != "changed"
+        # Once Waldur adds up again, the next listing takes the change.
+        fake_waldur.result_count_delta = 0
+        runtime.read_all()
+        entry = runtime.mirror.get(changed)
+        assert entry is not None and entry.raw["name"] == "changed"

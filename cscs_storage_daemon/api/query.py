@@ -206,7 +206,7 @@ def _select_page(index: FilterIndex[MirrorEntry], filters: Filters, page: int, p
 def _served_key(entry: MirrorEntry) -> FilterKey:
     """Normal mode: what the served storage object says (data type, status) and the Waldur state."""
     storage = entry.storage or {}
-    state = entry.raw.get("state")
+    state = entry.state
     try:
         data_type = storage["storageDataType"]["key"]
         status = storage["status"]
@@ -222,13 +222,13 @@ def _served_key(entry: MirrorEntry) -> FilterKey:
     status = storage.get("status")
     if not isinstance(status, str):
         status = status_of(entry.raw)
-    return (data_type, status, state if isinstance(state, str) else "")
+    return (data_type, status, state or "")
 
 
 def _raw_key(entry: MirrorEntry) -> FilterKey:
     """Debug mode: the raw Waldur JSON's effective data type, mapped status and state."""
-    state = entry.raw.get("state")
-    return (effective_data_type(entry.raw), status_of(entry.raw), state if isinstance(state, str) else "")
+    raw = entry.raw  # parsed from the entry's kept JSON: debug mode only
+    return (effective_data_type(raw), status_of(raw), entry.state or "")
 
 
 def raw_resource(entry: MirrorEntry) -> dict[str, Any]:
