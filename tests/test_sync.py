@@ -122,6 +122,27 @@ def test_config_error_exits_78_naming_the_key(tmp_path: Path) -> None:
     assert "daemon.workerz" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["run", "serve", "sync"])
+def test_a_config_error_is_reported_before_the_waldur_client_loads(tmp_path: Path, command: str) -> None:
+    # The Waldur client's models take seconds to import: a bad config (systemd restarting a broken unit, an
+    # operator's typo) must be told at once, not after them.
+    path = tmp_path / "bad.yaml"
+    path.write_text("offerings: []\ndaemon:\n  workerz: 4\n")
+    probe = (
+        "import sys\n"
+        "from cscs_storage_daemon.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as exc:\n"
+        "    print(exc.code, sorted(m for m in sys.modules if m.startswith('waldur_api_client')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, command, "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.split() == ["78", "[]"], result.stdout + result.stderr
+    assert "daemon.workerz" in result.stderr
+
+
 def test_token_never_in_output(tmp_path: Path, fake: FakeWaldur, capfd: pytest.CaptureFixture[str]) -> None:
     population = populate(fake, ["capstor"], n=3)
     config = write_config(tmp_path, fake, population.offerings)
