@@ -89,14 +89,16 @@ def run_pipeline(n: int, seed: int, writer: OutputWriter, zone: ZoneInfo) -> dic
     objects: list[dict[str, Any]] = []
     invalid = 0
     spent = _Spent()
-    for page in spent.pages(waldur_pages(n, seed)):
-        with gc_paused():  # as the mirror's listing maps a page
+    with gc_paused():  # as the mirror's listing pauses the collector while it is taken
+        for page in spent.pages(waldur_pages(n, seed)):
             for raw in page:
                 try:
                     objects.append(map_resource(raw, settings))
                 except InvalidResource:
                     invalid += 1
-        del page
+            del page
+        with spent.timing():
+            gc.collect(0)  # the young collection the pause deferred (a listing's end)
     return _write_snapshot(objects, invalid, spent, writer, zone)
 
 
@@ -112,6 +114,7 @@ def run_listing(n: int, seed: int, writer: OutputWriter, zone: ZoneInfo) -> dict
             del page
         with spent.timing():
             changes = mirror.replace_all(listing)
+            gc.collect(0)  # the young collection the listing's pause deferred
     del listing
     invalid = sum(1 for change in changes if change.error is not None)
     del changes
