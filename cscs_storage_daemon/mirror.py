@@ -303,7 +303,7 @@ class OfferingMirror:
 
     def apply(self, raw: Mapping[str, Any]) -> Change:
         """Take the current Waldur JSON of one resource."""
-        mapped = self._prepare(raw)
+        mapped = self._prepare(raw, reuse=True)
         with self._lock:
             return self._merge(mapped)
 
@@ -323,6 +323,18 @@ class OfferingMirror:
         else:
             terminated_since = None
         same_input = old is not None and old.kept == mapped.kept
+        if (
+            same_input
+            and old is not None
+            and old.storage is storage
+            and old.error is error
+            and old.terminated_since == terminated_since
+        ):
+            # Nothing at all changed (a listing's common case): the entry stays the very same object, so what
+            # readers cached for it (the API's rendered JSON) still serves.
+            if error is None:
+                return Change(uuid=key, changed=False)
+            return Change(uuid=key, changed=False, error=error, new_error=False, stale=storage is not None)
         if error is None:
             changed = old is None or (old.storage is not storage and old.storage != storage)
             self._entries[key] = MirrorEntry(key, mapped.kept, state, storage, None, terminated_since, mapped.sort_key)

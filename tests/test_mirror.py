@@ -380,13 +380,19 @@ def test_an_unchanged_resource_is_not_mapped_again_by_a_listing(clock: FakeClock
     mirror.replace_all([odd, raw(2)])
     assert len(warnings) == 1
     first = mirror.storage_objects()
+    entries = mirror.entries()
     version = mirror.version
-    # The same resources again, with fields the mirror does not keep changed: nothing is mapped or changed.
+    # The same resources again, with fields the mirror does not keep changed: nothing is mapped or changed, and
+    # the entries stay the same objects (what the API rendered for them still serves).
     changes = mirror.replace_all([{**odd, "modified": odd["modified"], "report": "new"}, {**raw(2), "url": "x"}])
     assert not any(change.changed for change in changes)
     assert len(warnings) == 1
     assert [a is b for a, b in zip(mirror.storage_objects(), first, strict=True)] == [True, True]
+    assert [a is b for a, b in zip(mirror.entries(), entries, strict=True)] == [True, True]
     assert mirror.version == version
+    # A resource event with the same input is not mapped again either.
+    assert not mirror.apply({**odd, "report": "newer"}).changed
+    assert len(warnings) == 1
     # A kept field that changes is mapped again.
     mirror.replace_all([{**odd, "name": "renamed"}, raw(2)])
     assert len(warnings) == 2
