@@ -5,7 +5,36 @@ One `Metrics` object per process (tests make their own, each with its own regist
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Histogram
+
+
+class _CachedLabels:
+    """`labels(*values)` from a dict once a child exists: prometheus_client validates the values and takes a lock
+    on every call, several microseconds on a path taken a few times per event. Children are never removed here."""
+
+    _children_by_values: dict[tuple[Any, ...], Any] | None = None
+
+    def labels(self, *values: Any, **named: Any) -> Any:
+        if named:
+            return super().labels(*values, **named)  # type: ignore[misc]
+        cache = self._children_by_values
+        if cache is None:
+            cache = self._children_by_values = {}
+        child = cache.get(values)
+        if child is None:
+            child = cache[values] = super().labels(*values)  # type: ignore[misc]
+        return child
+
+
+class Counter(_CachedLabels, prometheus_client.Counter):
+    pass
+
+
+class Gauge(_CachedLabels, prometheus_client.Gauge):
+    pass
 
 
 class Metrics:

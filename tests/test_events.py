@@ -252,6 +252,16 @@ def test_bad_bodies(body: bytes, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "extra",
+    [b'"big": 123456789012345678901234567890', b'"nan": NaN', b'"inf": -Infinity', b'"twice": 1, "twice": 2'],
+)
+def test_json_orjson_refuses_is_read_like_the_standard_library(extra: bytes) -> None:
+    """orjson reads a body first; what it refuses and JSON allows is the standard library's to read."""
+    body = b'{"object_type": "order", "order_uuid": "' + ORDER.encode() + b'", ' + extra + b"}"
+    assert parse_event(body, destination=ORDER_QUEUE, legacy=False) == OrderEvent(ORDER, None, None, None)
+
+
+@pytest.mark.parametrize(
     ("payload", "legacy", "expected"),
     [
         ({"order_uuid": ORDER}, False, "missing_object_type"),
