@@ -148,7 +148,7 @@ class MirrorEntry:
     storage: dict[str, Any] | None
     error: InvalidResource | None
     terminated_since: float | None = None
-    sort_key: tuple[str, str] = ("", "")  # feed order: Waldur ``created``, then uuid
+    sort_key: str = ""  # feed order: Waldur ``created``, then uuid (`_sort_key`)
 
     @property
     def raw(self) -> dict[str, Any]:
@@ -161,6 +161,12 @@ class MirrorEntry:
 
 
 _SORT_KEY: Final = operator.attrgetter("sort_key")
+
+
+def _sort_key(created: Any, key: str | None) -> str:
+    """``created`` and the uuid in one string that sorts as the pair would: NUL, below every other character, ends
+    ``created`` (one string, not a tuple: a hundred thousand fewer objects for the collector to walk)."""
+    return f"{created if type(created) is str else ''}\0{key or ''}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +190,7 @@ class _Mapped:
     uuid_text: str
     kept: Packed
     state: str | None
-    sort_key: tuple[str, str]
+    sort_key: str
     storage: dict[str, Any] | None
     error: InvalidResource | None
 
@@ -296,7 +302,7 @@ class OfferingMirror:
             key if key is not None else str(raw_uuid),
             kept,
             state if type(state) is str else None,
-            (created if type(created) is str else "", key or ""),
+            _sort_key(created, key),
             storage,
             error,
         )
@@ -356,14 +362,17 @@ class OfferingMirror:
 
     def replace_all(self, raws: Iterable[Mapping[str, Any]] | MirrorListing) -> list[Change]:
         """A full listing from Waldur (a finished `MirrorListing`, or the resources themselves): take each, drop
-        what Waldur no longer lists. One step under the lock: a reader sees the mirror before or after it."""
+        what Waldur no longer lists. One step under the lock: a reader sees the mirror before or after it.
+        Returns a change per resource listed, in order, then one per resource dropped."""
         if isinstance(raws, MirrorListing):
-            listing = raws
+            taken, raws.resources = raws.resources, []  # consumed: nothing of it outlives this step
         else:
             listing = self.listing()
             listing.take(raws)
+            taken = listing.resources
         with self._lock, gc_paused():  # a whole listing: entries that all survive
-            changes = [self._merge(mapped) for mapped in listing.resources]
+            changes = [self._merge(mapped) for mapped in taken]
+            del taken
             seen = {change.uuid for change in changes}
             self._expired &= seen  # tombstones only for what Waldur still lists
             gone = [key for key in self._entries if key not in seen]
