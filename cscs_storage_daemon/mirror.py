@@ -6,11 +6,12 @@ as a deletion); one never seen valid is left out. Mapping is pure, so the mirror
 result.
 
 What a resource costs. A Waldur resource has ~75 fields, ~7 KB as parsed Python objects. The mirror keeps the 16
-that the mapping, the feed order and the HTTP API's debug view read, as one compact JSON string (~600 bytes; the
-debug view parses it back), next to the storage object (~1.1 KB). The same bytes tell whether a resource changed:
-one whose kept JSON is unchanged is not mapped again. A full listing is taken page by page (`MirrorListing`, fed by
-the gateway as each page arrives), so the listing's raw JSON is never all held, and the mirror changes in one step
-once the listing is complete: a listing that fails half-way changes nothing.
+that the mapping, the feed order and the HTTP API's debug view read, as compact JSON (`kept_json`, ~390 bytes; the
+debug view parses it back), next to the storage object (~1.1 KB): ~2.5 KB a resource in all. The same bytes tell
+whether a resource changed: one whose kept JSON is unchanged is not mapped again, and its entry stays the same
+object. A full listing is taken page by page (`MirrorListing`, fed by the gateway as each page arrives), so the
+listing's raw JSON is never all held, and the mirror changes in one step once the listing is complete: a listing
+that fails half-way changes nothing.
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ class MirrorListing:
 
     Used as a context manager (``with mirror.listing() as listing:``), it pauses the cyclic collector until the
     listing is in: the hundreds of thousands of objects a large listing leaves in the mirror hold no reference cycle,
-    and collecting while they pile up walked them again and again (a third of the time of a 100 000-resource
-    listing). Whatever the process allocated meanwhile is collected when the block ends.
+    and the full collections that ran between pages while they piled up walked them again and again. Whatever the
+    process allocated meanwhile is collected when the block ends.
     """
 
     def __init__(self, mirror: OfferingMirror) -> None:
