@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -53,6 +53,7 @@ KEPT_FIELDS: Final = (
 _GET_KEPT: Final = operator.itemgetter(*KEPT_FIELDS)
 _STATE_AT: Final = KEPT_FIELDS.index("state")
 _CREATED_AT: Final = KEPT_FIELDS.index("created")
+_LOWER_HEX: Final = "0123456789abcdef"
 
 
 def kept_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -170,10 +171,10 @@ def _sort_key(created: Any, key: str | None) -> str:
     return f"{created if type(created) is str else ''}\0{key or ''}"
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """What one `apply` did: `changed` when the visible storage object changed; `error` when the resource is
-    invalid now, with `new_error` true the first time this exact input is seen invalid (log it then, once)."""
+    invalid now, with `new_error` true the first time this exact input is seen invalid (log it then, once).
+    (A named tuple: one per resource of a listing, built three times faster than a frozen dataclass.)"""
 
     uuid: str
     changed: bool
@@ -277,7 +278,10 @@ class OfferingMirror:
         """Key, cut down and map one resource (no lock: mapping is pure). With `reuse`, a resource whose kept JSON
         is its entry's is not mapped again: the entry's objects serve (the same input maps the same)."""
         raw_uuid = raw.get("uuid")
-        key = uuid_hex(raw_uuid) if isinstance(raw_uuid, str) else None
+        if type(raw_uuid) is str and len(raw_uuid) == 32 and not raw_uuid.strip(_LOWER_HEX):
+            key: str | None = raw_uuid  # already the key (Waldur's form): no copy
+        else:
+            key = uuid_hex(raw_uuid) if isinstance(raw_uuid, str) else None
         try:
             values = _GET_KEPT(raw)  # every kept field there: the common case, no dict built
         except KeyError:
