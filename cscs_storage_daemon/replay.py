@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import itertools
 import os
 import queue
 import shutil
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +68,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("cscs_storage_daemon.replay")
 
 STATE_DIRECTORY = ".replay-state"
+_RESPONSE_HEADERS = frozenset(RESPONSE_HEADERS)
+_STR = frozenset({str})
 POINT_KINDS = frozenset({"http", "stamp", "mirror", "lock", "write_error", "done"})
 TASK_RUNS = frozenset({"start", "reconcile", "snapshot", "register"})
 
@@ -117,23 +120,20 @@ class Capture:
 
 def read_capture(path: str | os.PathLike[str]) -> Capture:
     """Parse a capture. A torn last line (a crash while writing it) is dropped with a warning; any other line that
-    is not a record is an error naming its line number, and so is a format version newer than this daemon reads."""
+    is not a record is an error naming its line number, and so is a format version newer than this daemon reads.
+
+    Read line by line (buffered): the file is never all in memory beside its parsed records (a whole-file read and
+    split held two more copies of it, and cost more than the parse)."""
     source = Path(path)
-    try:
-        data = source.read_bytes()
-    except OSError as exc:
-        raise ReplayError(f"cannot read capture {source}: {exc.strerror or exc}") from None
-    lines = data.split(b"\n")
-    terminated = data.endswith(b"\n")
-    if terminated:
-        lines.pop()
-    del data
     # Hundreds of thousands of parsed records, trees without a cycle: the collector would walk them again and
     # again while they are built (half the time of the parse), for nothing.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        records, warnings = _parse_lines(source, lines, terminated)
+        with open(source, "rb", buffering=1 << 20) as handle:
+            records, warnings = _parse_lines(source, handle)
+    except OSError as exc:
+        raise ReplayError(f"cannot read capture {source}: {exc.strerror or exc}") from None
     finally:
         if collecting:
             gc.enable()
@@ -144,18 +144,17 @@ def read_capture(path: str | os.PathLike[str]) -> Capture:
     return Capture(source, records, warnings)
 
 
-def _parse_lines(source: Path, lines: list[bytes], terminated: bool) -> tuple[list[Record], list[str]]:
+def _parse_lines(source: Path, lines: Iterable[bytes]) -> tuple[list[Record], list[str]]:
     records: list[Record] = []
     warnings: list[str] = []
-    last = len(lines)
     loads, append = orjson.loads, records.append
     for number, raw in enumerate(lines, start=1):
         try:
             obj = loads(raw)
         except orjson.JSONDecodeError as exc:
-            if not raw or raw.isspace():
+            if raw.isspace():
                 continue
-            if number == last and not terminated:
+            if not raw.endswith(b"\n"):  # only the last line can end without one
                 warnings.append(f"{source}:{number}: the last line is incomplete (a crash while writing it?): ignored")
                 break
             raise ReplayError(f"{source}:{number}: corrupt record ({exc}); the capture cannot be replayed") from None
@@ -256,7 +255,7 @@ class ReplaySummary:
 _DRIVER: object = object()  # whose turn it is: the driver (the replaying thread) or a task
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Task:
     seq: int
     run: str  # event | start | reconcile | snapshot | register
@@ -299,9 +298,23 @@ class _Session:
 
     def _index(self) -> None:
         tasks = self.tasks
+        significant = self.significant
+        get = tasks.get
+        orphans = 0
         for index, record in enumerate(self.records):
             kind = record.kind
-            if kind == "event":
+            if kind in POINT_KINDS:  # most records: tested first
+                owner = get(record.task) if record.task is not None else None
+                if owner is None:
+                    orphans += 1
+                    continue
+                owner.points.append(index)
+                if kind == "done":
+                    owner.done = True
+                if owner.launch_at is None:
+                    owner.launch_at = index
+                significant[index] = True
+            elif kind == "event":
                 tasks[record.seq] = _Task(record.seq, "event", record)
             elif kind == "task":
                 run = str(record.data.get("run"))
@@ -309,24 +322,12 @@ class _Session:
                     raise ReplayError(f"line {record.line}: unknown task {run!r}")
                 task = _Task(record.seq, run, record, launch_at=index)
                 tasks[record.seq] = task
-                self.significant[index] = True
-            elif kind in POINT_KINDS:
-                owner = tasks.get(record.task) if record.task is not None else None
-                if owner is None:
-                    self.orphans += 1
-                    continue
-                owner.points.append(index)
-                if kind == "done":
-                    owner.done = True
-                if owner.launch_at is None:
-                    owner.launch_at = index
-                self.significant[index] = True
+                significant[index] = True
             elif kind == "reload":
-                self.significant[index] = True
+                significant[index] = True
+        self.orphans = orphans
         # A task runs straight through on the replaying thread when no other task's point falls inside its span.
-        prefix = [0]
-        for flag in self.significant:
-            prefix.append(prefix[-1] + flag)
+        prefix = [0, *itertools.accumulate(significant)]
         end = len(self.records) - 1
         for task in tasks.values():
             if task.launch_at is None:
@@ -749,11 +750,15 @@ class Replayer:
             body = decode_body(str(data.get("body", "")), data.get("body_encoding"))
         except ValueError as exc:
             raise ReplayError(f"line {record.line}: the event body cannot be decoded: {exc}") from None
-        headers = data.get("headers") if isinstance(data.get("headers"), dict) else {}
+        headers = data.get("headers")
+        if type(headers) is not dict:
+            headers = {}
+        elif not _STR.issuperset(map(type, headers.values())):  # keys are strings: JSON's
+            headers = {str(k): str(v) for k, v in headers.items()}
         delivery = Delivery(
             transport=str(data.get("transport", "replay")),
             destination=str(data.get("destination", "")),
-            headers={str(k): str(v) for k, v in (headers or {}).items()},
+            headers=dict(headers),
             body=body,
         )
         core.dispatcher.submit(delivery)  # counted by the core's metrics, read back in `_summarise`
@@ -832,17 +837,16 @@ class Replayer:
     def http(self, method: str, path: str, body: bytes) -> Record:
         if self._local.task is None and self._done:
             return self._after_the_run(method, path)
-        key = body_key(body)
 
         def matches(record: Record) -> bool:
             d = record.data
             if d.get("method") != method or d.get("path") != path:
                 return False
             recorded = d.get("request_body")
-            if not recorded and not key:
+            if not recorded and not body:
                 return True
             raw = decode_body(str(recorded or ""), d.get("request_body_encoding"))
-            return body_key(raw) == key
+            return raw == body or body_key(raw) == body_key(body)
 
         record = self._point("http", matches, lambda: describe_request(method, path, body))
         self.summary.exchanges += 1
@@ -933,23 +937,38 @@ class Replayer:
     # the clock
 
     def record_time(self) -> tuple[datetime, float]:
+        return self.record_wall(), self.record_mono()
+
+    def record_wall(self) -> datetime:
+        """The recorded time of the record being replayed (now, when there is none)."""
         records = self._records
         if not records:
-            return datetime.now(UTC), 0.0
+            return datetime.now(UTC)
+        return self._wall_of(min(self._cursor, len(records) - 1))
+
+    def record_mono(self) -> float:
+        """The recorded monotonic clock of the record being replayed, from the start of its daemon run."""
+        records = self._records
+        if not records:
+            return 0.0
         index = min(self._cursor, len(records) - 1)
-        record = records[index]
+        mono = records[index].data.get("mono")
+        if isinstance(mono, int | float):
+            return float(mono) - self._mono0
+        header_time = datetime.fromisoformat(str(self._session.header.data.get("time"))) if self._session else None
+        when = self._wall_of(index)
+        return (when - header_time).total_seconds() if header_time is not None else 0.0
+
+    def _wall_of(self, index: int) -> datetime:
         when = self._times.get(index)
         if when is None:
+            record = self._records[index]
             try:
                 when = datetime.fromisoformat(str(record.data.get("time")))
             except ValueError:
                 raise ReplayError(f"line {record.line}: a record with a bad time") from None
             self._times[index] = when
-        mono = record.data.get("mono")
-        if isinstance(mono, int | float):
-            return when, float(mono) - self._mono0
-        header_time = datetime.fromisoformat(str(self._session.header.data.get("time"))) if self._session else when
-        return when, (when - header_time).total_seconds()
+        return when
 
     # -- summary -----------------------------------------------------------------------------------------------
 
@@ -1039,10 +1058,10 @@ class ReplayClock:
         self._replayer = replayer
 
     def now(self) -> datetime:
-        return self._replayer.record_time()[0]
+        return self._replayer.record_wall()
 
     def monotonic(self) -> float:
-        return self._replayer.record_time()[1]
+        return self._replayer.record_mono()
 
     def timestamp(self) -> float:
         return self.now().timestamp()
@@ -1064,13 +1083,21 @@ class ReplayTransport:
         if not isinstance(status, int):
             raise ReplayError(f"line {record.line}: an exchange with neither a status nor an error")
         recorded = data.get("headers")
-        kept = (
-            {k.lower(): str(v) for k, v in recorded.items() if k.lower() in RESPONSE_HEADERS}
-            if isinstance(recorded, dict)
-            else {}
-        )
+        if (
+            type(recorded) is dict
+            and _RESPONSE_HEADERS.issuperset(recorded)
+            and _STR.issuperset(map(type, recorded.values()))
+        ):
+            kept = dict(recorded)  # as the capture writes them: lower-case names, string values
+        elif isinstance(recorded, dict):
+            kept = {k.lower(): str(v) for k, v in recorded.items() if k.lower() in RESPONSE_HEADERS}
+        else:
+            kept = {}
+        text, encoding = data.get("body"), data.get("body_encoding")
+        if encoding is None and type(text) is str:
+            return Answer(status, kept, text.encode("utf-8"))  # UTF-8 text, the common case
         try:
-            content = decode_body(str(data.get("body") or ""), data.get("body_encoding"))
+            content = decode_body(str(text or ""), encoding)
         except ValueError as exc:
             raise ReplayError(f"line {record.line}: the response body cannot be decoded: {exc}") from None
         return Answer(status, kept, content)

@@ -265,6 +265,18 @@ def test_a_torn_last_line_is_ignored_with_a_warning(story: Recorded, tmp_path: P
     assert_same_files(story.out, tmp_path / "replayed")
 
 
+def test_blank_lines_are_skipped_and_line_numbers_kept(story: Recorded, tmp_path: Path) -> None:
+    lines = story.capture.read_bytes().splitlines(keepends=True)
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_bytes(b"".join([*lines[:5], b"\n", b"  \n", *lines[5:9], lines[9][:40] + b"\n", *lines[10:]]))
+    with pytest.raises(ReplayError, match=r"spaced\.jsonl:12: corrupt record"):  # line 10 of the capture, 2 lower
+        replay(spaced, tmp_path / "replayed")
+    spaced.write_bytes(b"".join([*lines[:5], b"\n", b"  \n", *lines[5:], b"   "]))
+    summary = replay(spaced, tmp_path / "replayed")
+    assert not summary.warnings
+    assert_same_files(story.out, tmp_path / "replayed")
+
+
 def test_a_corrupt_line_in_the_middle_stops_with_its_line_number(story: Recorded, tmp_path: Path) -> None:
     lines = story.capture.read_bytes().splitlines(keepends=True)
     lines[9] = lines[9][:40] + b"\n"
