@@ -51,6 +51,8 @@ def normalise_uuid(value: Any) -> str | None:
     """32 lower-case hex digits from a uuid with or without dashes, any case; None if it is not one."""
     if not isinstance(value, str) or len(value) > 64:
         return None
+    if len(value) == 32 and _HEX32.fullmatch(value):
+        return value  # already canonical (what Waldur sends in event bodies)
     text = value.replace("-", "").lower()
     return text if _HEX32.fullmatch(text) else None
 
