@@ -53,7 +53,7 @@ from cscs_storage_daemon.capture import (
     gate_core,
 )
 from cscs_storage_daemon.config import Config, config_from_rendered
-from cscs_storage_daemon.envelope import is_snapshot_file_name
+from cscs_storage_daemon.envelope import SnapshotPieces, is_snapshot_file_name
 from cscs_storage_daemon.ledger import MemoryLedger
 from cscs_storage_daemon.metrics import Metrics
 from cscs_storage_daemon.retry import RetryInfo, RetryPolicy, TransientHTTPStatus
@@ -1124,7 +1124,8 @@ class FileQueue:
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
 
-    def put(self, target: Path, data: bytes, mode: int) -> None:
+    def put(self, target: Path, data: bytes | list[bytes | memoryview], mode: int) -> None:
+        """Write `data` (bytes, or buffers written one after the other) to `target`."""
         self.later(functools.partial(self._write, target, data, mode))
 
     def later(self, work: Callable[[], None]) -> None:
@@ -1155,7 +1156,7 @@ class FileQueue:
             self._thread.join()
             self._thread = None
 
-    def _write(self, target: Path, data: bytes, mode: int) -> None:
+    def _write(self, target: Path, data: bytes | list[bytes | memoryview], mode: int) -> None:
         if self._failure is not None:
             return
         try:
@@ -1179,16 +1180,42 @@ class FileQueue:
                         self._idle.notify_all()
 
 
-def _write_in_place(target: Path, data: bytes, mode: int) -> None:
+def _write_in_place(target: Path, data: bytes | list[bytes | memoryview], mode: int) -> None:
     # Straight into place: a replay's output is a reproduction, not a feed read while it is written.
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        if isinstance(data, list):
+            _write_buffers(fd, data)
+        else:
+            _write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+_IOV_MAX = 1024  # the least a POSIX system allows a writev
+
+
+def _write_buffers(fd: int, buffers: list[bytes | memoryview]) -> None:
+    """The buffers one after the other, a vectored write at a time (the copying is the kernel's, off the GIL)."""
+    for start in range(0, len(buffers), _IOV_MAX):
+        chunk = buffers[start : start + _IOV_MAX]
+        written = os.writev(fd, chunk)
+        if written == sum(map(len, chunk)):
+            continue
+        for buffer in chunk:  # a short write (a signal, a full disk): the rest of the chunk one by one
+            size = len(buffer)
+            if written >= size:
+                written -= size
+                continue
+            _write_all(fd, memoryview(buffer)[written:])
+            written = 0
 
 
 class ReplayWriter(OutputWriter):
@@ -1214,6 +1241,18 @@ class ReplayWriter(OutputWriter):
             self.ensure_directory()
             self._ready = True
         self._replayer.files.put(target, data, self.file_mode)
+        self._replayer.written.append((self._slug, name))
+        return target
+
+    def write_pieces(self, name: str, pieces: Iterable[bytes | memoryview]) -> Path:
+        """The pieces handed to the file thread as they are (no join here): `SnapshotPieces.buffers`, or a list."""
+        buffers: list[bytes | memoryview] = [*pieces.buffers()] if isinstance(pieces, SnapshotPieces) else [*pieces]
+        self._replayer.before_write(self._slug, name)
+        target = self.path_of(name)
+        if not self._ready:
+            self.ensure_directory()
+            self._ready = True
+        self._replayer.files.put(target, buffers, self.file_mode)
         self._replayer.written.append((self._slug, name))
         return target
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -652,3 +653,23 @@ def test_legacy_event_mode_replays_too(recorded: Recorded, tmp_path: Path) -> No
     summary = replay(recorded.capture, tmp_path / "replayed")
     assert_same_files(recorded.out, tmp_path / "replayed")
     assert summary.events == {"order": 1, "resource": 1}
+
+
+def test_buffers_are_written_whole_after_a_short_vectored_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cscs_storage_daemon import replay as replay_module
+
+    buffers: list[bytes | memoryview] = [b"head", *(memoryview(b"x%04d," % i) for i in range(3000)), b"tail"]
+    expected = b"".join(buffers)
+    writev = os.writev
+
+    def short_writev(fd: int, chunk: list[bytes | memoryview]) -> int:  # stops in the middle of the 7th buffer
+        return writev(fd, [*chunk[:6], memoryview(chunk[6])[:3]])
+
+    monkeypatch.setattr(replay_module.os, "writev", short_writev)
+    target = tmp_path / "all.json"
+    target.write_bytes(b"an older, longer file " * 2000)
+    replay_module._write_in_place(target, buffers, 0o640)
+    assert target.read_bytes() == expected
+    assert (target.stat().st_mode & 0o777) == 0o640
