@@ -1,6 +1,7 @@
 """Benchmark: replay speed, in events per second, of a capture of 100 000 events over 20 000 resources.
 
-    uv run python bench/bench_replay.py [--events 100000] [--resources 20000] [--dir DIR] [--regenerate] [--profile]
+    uv run python bench/bench_replay.py [--events 100000] [--resources 20000] [--dir DIR] [--output OUT]
+                                        [--regenerate] [--profile]
 
 The capture is made synthetically but by the daemon's own code, so every HTTP exchange, stamp, mirror change and
 order lock in it is one the replay will ask for: the core of `run` (`build_core`, the start sequence, the inline
@@ -15,17 +16,30 @@ through Create orders. The event mix, as Waldur publishes it:
 * an all.json regeneration per offering every 10 000 events (what the debounce timer does under steady load).
 
 Generating takes a minute or two and is cached in DIR (default: a directory under the system temp directory);
-only the replay (`cscs_storage_daemon.replay.replay`, output into DIR/replayed) is timed. Goal on the 2-core
-reference machine: at least 5 000 events/s.
+only the replay (`cscs_storage_daemon.replay.replay`) is timed. Its output goes to /dev/shm when there is one
+(`--output` to choose): ext4 makes each file creation scan the inodes freed in the last minutes, and replaying
+right after deleting the previous run's 17 000 files spent ~500 us of kernel time per order file (3-7 s of wall
+time); a memory file system measures the replay. Goal on the 2-core reference machine: at least 5 000 events/s.
 
 Figures (2-core machine shared with other work; 100 000 events, 127 219 exchanges, 17 000 order files, 33
 all.json): 1 067 events/s at the start of this work. After the gateway's transport layer (no `httpx.Client`, no
 HTTP objects in a replay), the first attempt outside tenacity, the replay's `MemoryLedger`, its background
 `FileQueue` (writes and snapshot pruning), the capture read with the collector off, rare young collections and
 orjson-rendered order files: 3 950-6 120 events/s wall (16.4-25.3 s), and the CPU time of the very same work varied
-as much (16.5-24 s) from run to run on this virtual machine; the goal was reached in 2 of 9 runs. Where the CPU
-goes: handling order events ~26 %, resource events ~21 % (a recorded answer parsed, the resource mapped into the
-mirror), the recorded all.json regenerations ~17 %, reading the 440 MB capture ~13 %, event dispatch ~8 %.
+as much (16.5-24 s) from run to run on this virtual machine; the goal was reached in 2 of 9 runs.
+
+Issue #5, second round. Before (output on /dev/shm, 5 runs): 15.6-17.9 s wall, 5 590-6 400 events/s, 15.8-18.2 s
+CPU (15.1-17.3 s on the replaying thread), peak RSS 1.50-1.53 GB. After (9 runs): 11.5-13.9 s wall, 7 190-8 720
+events/s, 11.5-14.1 s CPU (10.9-13.2 s on the replaying thread), peak RSS 1.12-1.23 GB; with the old conditions
+(output on ext4, deleted just before) 15.0-19.2 s, 5 200-6 660 events/s. Of the cut, the mirror's compact entries
+(an unchanged resource keeps its objects) gave ~1.5 s (15.2-15.8 s without the rest); the rest, ~3.5 s: each
+storage object rendered once for all.json (`RenderedObjects`: a regeneration renders what changed, its key hashes
+digests, the file thread writes the cached buffers with writev), the capture read line by line (no whole-file
+copy and split), no young collection over the capture or what the replay builds, orjson for event bodies, cached
+metric children, log context bound by tokens, and leaner exchange and event handling in the replay. Where the
+replaying thread's time goes now: handling events ~74 % (orders ~36 %: the mirror ~18 % and the gateway ~10 % of
+all, parsing the recorded answers ~6 %), reading the capture ~11 %, the all.json regenerations ~9 %, the session
+index ~2 %.
 """
 
 from __future__ import annotations
