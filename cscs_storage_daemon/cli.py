@@ -47,6 +47,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     config = _load(args.config, log_level="debug" if args.verbose else None)
     assert isinstance(config, Config)
     from cscs_storage_daemon.sync import run_sync  # after the check: the Waldur client's models take seconds to load
+
     try:
         code, _reports = run_sync(config, offering_uuid=args.offering_uuid, dry_run=args.dry_run)
     except ValueError as exc:
@@ -71,6 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config, stream=sys.stdout)  # journald keeps stdout
     assert isinstance(config, Config)
     from cscs_storage_daemon.daemon import run_daemon  # after the check: a bad config exits 78 at once
+
     return run_daemon(config, record=args.record)
 
 
@@ -80,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     assert isinstance(config, Config)
     from cscs_storage_daemon.daemon import serve_once  # after the check: a bad config exits 78 at once
+
     return serve_once(config)
 
 
