@@ -235,9 +235,6 @@ class MirrorListing:
             for raw in raws:
                 append(prepare(raw, reuse=True))
 
-    def __len__(self) -> int:
-        return len(self.resources)
-
 
 class OfferingMirror:
     def __init__(

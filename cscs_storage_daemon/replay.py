@@ -1249,24 +1249,20 @@ class ReplayWriter(OutputWriter):
         return wrapped
 
     def write(self, name: str, data: bytes) -> Path:
-        self._replayer.before_write(self._slug, name)
-        target = self.path_of(name)
-        if not self._ready:
-            self.ensure_directory()
-            self._ready = True
-        self._replayer.files.put(target, data, self.file_mode)
-        self._replayer.written.append((self._slug, name))
-        return target
+        return self._hand_over(name, data)
 
     def write_pieces(self, name: str, pieces: Iterable[bytes | memoryview]) -> Path:
         """The pieces handed to the file thread as they are (no join here): `SnapshotPieces.buffers`, or a list."""
         buffers: list[bytes | memoryview] = [*pieces.buffers()] if isinstance(pieces, SnapshotPieces) else [*pieces]
+        return self._hand_over(name, buffers)
+
+    def _hand_over(self, name: str, payload: bytes | list[bytes | memoryview]) -> Path:
         self._replayer.before_write(self._slug, name)
         target = self.path_of(name)
         if not self._ready:
             self.ensure_directory()
             self._ready = True
-        self._replayer.files.put(target, buffers, self.file_mode)
+        self._replayer.files.put(target, payload, self.file_mode)
         self._replayer.written.append((self._slug, name))
         return target
 
