@@ -233,7 +233,7 @@ class MirrorListing:
         prepare, append = self._mirror._prepare, self.resources.append
         with gc_paused():  # storage objects that all survive, without a reference cycle
             for raw in raws:
-                append(prepare(raw, reuse=True))
+                append(prepare(raw))
 
 
 class OfferingMirror:
@@ -271,9 +271,9 @@ class OfferingMirror:
         self._version += 1
         self._sorted = None
 
-    def _prepare(self, raw: Mapping[str, Any], *, reuse: bool = False) -> _Mapped:
-        """Key, cut down and map one resource (no lock: mapping is pure). With `reuse`, a resource whose kept JSON
-        is its entry's is not mapped again: the entry's objects serve (the same input maps the same)."""
+    def _prepare(self, raw: Mapping[str, Any]) -> _Mapped:
+        """Key, cut down and map one resource (no lock: mapping is pure). A resource whose kept JSON is its entry's
+        is not mapped again: the entry's objects serve (the same input maps the same)."""
         raw_uuid = raw.get("uuid")
         if type(raw_uuid) is str and len(raw_uuid) == 32 and not raw_uuid.strip(_LOWER_HEX):
             key: str | None = raw_uuid  # already the key (Waldur's form): no copy
@@ -288,7 +288,7 @@ class OfferingMirror:
         else:
             kept = pack(_kept_json(values))
             state, created = values[_STATE_AT], values[_CREATED_AT]
-        if reuse and key is not None:
+        if key is not None:
             old = self._entries.get(key)
             if old is not None and old.kept == kept:
                 stored = old.storage if old.error is None else None
@@ -311,7 +311,7 @@ class OfferingMirror:
 
     def apply(self, raw: Mapping[str, Any]) -> Change:
         """Take the current Waldur JSON of one resource."""
-        mapped = self._prepare(raw, reuse=True)
+        mapped = self._prepare(raw)
         with self._lock:
             return self._merge(mapped)
 
