@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import operator
-import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from itertools import chain
@@ -15,6 +14,8 @@ from typing import Any, Literal
 import orjson
 
 from cscs_storage_daemon import APP_VERSION
+from cscs_storage_daemon.mapping import StorageObject
+from cscs_storage_daemon.numbers import float_writes_alike
 
 OrderType = Literal["create", "update", "terminate"]
 ORDER_TYPES: dict[str, OrderType] = {"create": "create", "update": "update", "terminate": "terminate"}
@@ -170,9 +171,10 @@ def _standard(value: Any) -> bytes:
 
 
 _PLAIN_TYPES = frozenset({str, int, bool, type(None)})
+_MAPPED_TYPE: frozenset[type] = frozenset((StorageObject,))
+_OBJECT_TYPES: frozenset[type] = frozenset((dict, StorageObject))
 _STR_TYPE = frozenset({str})
 _MAX_DEPTH = 33
-_MAX_FLOAT = sys.float_info.max
 _GET_QUOTAS = operator.itemgetter("quotas")
 _GET_QUOTA = operator.itemgetter("quota")
 _GET_TARGET = operator.itemgetter("target")
@@ -183,12 +185,14 @@ def _orjson_writes_the_same(resources: list[Any]) -> bool:
     """Whether orjson's bytes for these storage resources are exactly `json.dumps`'s.
 
     Strings, integers and floats come out the same except floats that are non-finite (orjson writes `null` where
-    `json.dumps` refuses) or of magnitude in [1e-9, 1e-4) (orjson: `0.00001`, `1e-6`; `json.dumps`: `1e-05`,
-    `1e-06`). A storage object from `map_resource` holds floats only in `quotas` and possibly in a target item
-    copied from `backend_metadata`: both are checked (`_all_written_the_same`). Other fields of a storage object
-    are trusted to hold no float (the mapping's contract); resources that lack `quotas` or `target` are not
-    vouched for.
+    `json.dumps` refuses) or of magnitude in (0, 1e-4) (`float_writes_alike`). A `StorageObject` is one whose
+    floats `map_resource` found written alike: a list of nothing else needs no look. Of a plain dict, a storage
+    object holds floats only in `quotas` and possibly in a target item copied from `backend_metadata`: both are
+    checked (`_all_written_the_same`). Other fields of a storage object are trusted to hold no float (the mapping's
+    contract); resources that lack `quotas` or `target` are not vouched for.
     """
+    if _MAPPED_TYPE.issuperset(map(type, resources)):
+        return True
     if len(resources) <= 2 and _few_written_the_same(resources):
         return True  # an order file's resource: the same rules, checked directly (the passes below cost more)
     try:
@@ -232,8 +236,7 @@ def _few_written_the_same(resources: list[Any]) -> bool:
 def _plain_or_same_float(value: Any) -> bool:
     kind = type(value)
     if kind is float:
-        number: float = value
-        return number == 0.0 or 1e-4 <= abs(number) <= _MAX_FLOAT  # not NaN, not infinite, not in (0, 1e-4)
+        return float_writes_alike(value)
     return kind in _PLAIN_TYPES
 
 
@@ -326,7 +329,7 @@ class RenderedObjects:
         if not isinstance(result, dict):
             return None
         resources = result.get("storageResources")
-        if type(resources) is not list or not resources or set(map(type, resources)) != {dict}:
+        if type(resources) is not list or not resources or not _OBJECT_TYPES.issuperset(map(type, resources)):
             return None
         try:
             shell = _standard({**document, "result": {**result, "storageResources": []}}) + b"\n"

@@ -9,7 +9,9 @@ offering, the data type, the permission or the quota values (the storageSystem /
 storageDataType / permission objects, the quota list, a user's primaryProject, data-type checks) is built once
 and *shared* by every result with that value; per resource there are dictionary look-ups, cheap string checks,
 the two hashes of a generated target item and four new dicts (the result, its mountPoint, target and target
-item). A caller may keep a result or set its top-level keys, but must not change its nested objects in place.
+item). A caller may keep a result, but changes a copy, never the result or its nested objects in place: a result
+whose floats orjson writes as `json.dumps` does (nearly all) is a read-only `StorageObject`, which the renderer
+trusts without a look.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Final, NoReturn
 from cscs_storage_daemon.numbers import (
     HEX_DIGITS,
     deterministic_uuid,
+    float_writes_alike,
     parse_number,
     unix_gid,
     unix_uid,
@@ -38,6 +41,7 @@ __all__ = [
     "MAPPED_FIELDS",
     "InvalidResource",
     "MappingSettings",
+    "StorageObject",
     "WarnCallback",
     "apply_order_changes",
     "deterministic_uuid",
@@ -176,6 +180,26 @@ class MappingSettings:
         )
 
 
+class StorageObject(dict[str, Any]):
+    """A storage object from `map_resource` whose every float orjson writes as `json.dumps` does
+    (`float_writes_alike`): what lets the renderer hand a list of them to orjson without looking inside.
+
+    Read-only, so that it stays true: a changed copy is a plain dict (``{**storage, "status": "removing"}``),
+    checked when rendered. A storage object holding a float written otherwise is a plain dict from the start.
+    """
+
+    __slots__ = ()
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("a mapped storage object is read-only: change a copy (dict(storage))")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    update = setdefault = pop = popitem = clear = _read_only
+
+    def __reduce__(self) -> tuple[type[StorageObject], tuple[dict[str, Any]]]:
+        return StorageObject, (dict(self),)  # copied and pickled whole: the items are not set one by one
+
+
 # --------------------------------------------------------------------------------------------------- helpers
 
 
@@ -292,8 +316,18 @@ def _quotas(soft_space: float, hard_space: float, soft_inodes: float, hard_inode
     ]
 
 
-#: Shared quota lists of positive space values (a float key cannot tell -0.0 from 0.0; inodes are never -0.0).
-_shared_quotas: Final = lru_cache(maxsize=4096)(_quotas)
+@lru_cache(maxsize=4096)
+def _shared_quotas(
+    soft_space: float, hard_space: float, soft_inodes: float, hard_inodes: float
+) -> tuple[list[dict[str, Any]], bool]:
+    """The shared quota list of positive space values (a float key cannot tell -0.0 from 0.0; inodes are never
+    -0.0), and whether its values write alike (`float_writes_alike`)."""
+    quotas = _quotas(soft_space, hard_space, soft_inodes, hard_inodes)
+    return quotas, _write_alike(soft_space, hard_space, soft_inodes, hard_inodes)
+
+
+def _write_alike(*values: float) -> bool:
+    return all(map(float_writes_alike, values))
 
 
 @lru_cache(maxsize=65536)
@@ -306,8 +340,9 @@ class _NotJson(Exception):
     pass
 
 
-def _json_copy(value: Any, depth: int = 0) -> Any:
-    """A deep copy of a strict-JSON value; ``_NotJson`` for NaN/infinity, non-string keys, odd types, deep nests."""
+def _json_copy(value: Any, floats: list[float], depth: int = 0) -> Any:
+    """A deep copy of a strict-JSON value; ``_NotJson`` for NaN/infinity, non-string keys, odd types, deep nests.
+    Each float copied is appended to ``floats``."""
     kind = type(value)
     if kind is str:
         if not value.isascii():
@@ -324,6 +359,7 @@ def _json_copy(value: Any, depth: int = 0) -> Any:
         raise _NotJson("an integer too large to serialise")
     if kind is float:
         if math.isfinite(value):
+            floats.append(value)
             return value
         raise _NotJson("a non-finite number")
     if depth >= _MAX_ITEM_DEPTH:
@@ -333,10 +369,10 @@ def _json_copy(value: Any, depth: int = 0) -> Any:
         for key, item in value.items():
             if type(key) is not str:
                 raise _NotJson("a non-string key")
-            copied[_json_copy(key, depth)] = _json_copy(item, depth + 1)
+            copied[_json_copy(key, floats, depth)] = _json_copy(item, floats, depth + 1)
         return copied
     if isinstance(value, list | tuple):
-        return [_json_copy(item, depth + 1) for item in value]
+        return [_json_copy(item, floats, depth + 1) for item in value]
     raise _NotJson(f"a value of type {kind.__name__}")
 
 
@@ -529,11 +565,12 @@ def map_resource(
 
     quotas: list[dict[str, Any]] | None
     if soft_space > 0 and hard_space > 0:
-        quotas = _shared_quotas(soft_space, hard_space, soft_inodes, hard_inodes)
+        quotas, exact = _shared_quotas(soft_space, hard_space, soft_inodes, hard_inodes)
     elif soft_space > 0 or hard_space > 0:
         quotas = _quotas(soft_space, hard_space, soft_inodes, hard_inodes)
+        exact = _write_alike(soft_space, hard_space, soft_inodes, hard_inodes)
     else:
-        quotas = None
+        quotas, exact = None, True
 
     # ---- target (§3)
     if target_type is None:
@@ -545,7 +582,8 @@ def map_resource(
             )
     target_item: dict[str, Any] | None = None
     if backend_metadata and not settings.use_mock_target_items:
-        target_item = _metadata_item(backend_metadata, target_type, raw_uuid, warn)
+        target_item, floats = _metadata_item(backend_metadata, target_type, raw_uuid, warn)
+        exact = exact and _write_alike(*floats)
     if target_item is None:
         if target_type == "project":
             target_item = {
@@ -566,7 +604,7 @@ def map_resource(
             }
 
     state = resource.get("state")
-    return {
+    storage = {
         "itemId": item_id,
         "status": _STATUS.get(state, "pending") if type(state) is str else "pending",
         "mountPoint": {"default": f"/{offering_slug}/{data_type_lower}/{customer_slug}/{project_slug}/{slug}"},
@@ -578,6 +616,7 @@ def map_resource(
         "storageDataType": data_type_object,
         "parentItemId": None,
     }
+    return StorageObject(storage) if exact else storage
 
 
 def _ignored(report: WarnCallback | None, resource_id: str, field: str, value: Any, reason: str) -> None:
@@ -629,12 +668,14 @@ def _inode_override(
 
 def _metadata_item(
     backend_metadata: Mapping[str, Any], target_type: str, resource_id: str, report: WarnCallback | None
-) -> dict[str, Any] | None:
-    """``backend_metadata["{target_type}_item"]`` as a fresh copy when it is a non-empty strict-JSON object."""
+) -> tuple[dict[str, Any] | None, list[float]]:
+    """``backend_metadata["{target_type}_item"]`` as a fresh copy when it is a non-empty strict-JSON object, and
+    the floats it holds."""
+    floats: list[float] = []
     key = f"{target_type}_item"
     item = backend_metadata.get(key)
     if item is None:
-        return None
+        return None, floats
     if not isinstance(item, Mapping):
         if report is not None:
             report(
@@ -646,11 +687,11 @@ def _metadata_item(
                     "reason": "not a JSON object; using a generated item",
                 },
             )
-        return None
+        return None, floats
     if not item:
-        return None
+        return None, floats
     try:
-        copied: dict[str, Any] = _json_copy(item)
+        copied: dict[str, Any] = _json_copy(item, floats)
     except _NotJson as error:
         if report is not None:
             report(
@@ -662,8 +703,8 @@ def _metadata_item(
                     "reason": f"holds {error}; using a generated item",
                 },
             )
-        return None
-    return copied
+        return None, []
+    return copied, floats
 
 
 # ------------------------------------------------------------------------------------------------ batches

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import uuid
 from functools import lru_cache
 from hashlib import sha1, sha256
@@ -17,6 +18,7 @@ from typing import Any, Final
 __all__ = [
     "HEX_DIGITS",
     "deterministic_uuid",
+    "float_writes_alike",
     "is_numeric_string",
     "parse_number",
     "stable_bucket",
@@ -34,7 +36,18 @@ HEX_DIGITS: Final = "0123456789abcdefABCDEF"
 _OID_BYTES: Final = uuid.NAMESPACE_OID.bytes
 _OID_SHA1: Final = sha1(_OID_BYTES, usedforsecurity=False)
 _FROM_BYTES: Final = int.from_bytes
+_MAX_FLOAT: Final = sys.float_info.max
 _VARIANT_NIBBLE: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def float_writes_alike(value: float) -> bool:
+    """Whether orjson writes this float as `json.dumps` does: finite, and 0 or of magnitude at least 1e-4.
+
+    orjson writes NaN and infinities as ``null`` (``json.dumps`` refuses them, as the storage format must), and
+    writes a magnitude in (0, 1e-4) its own way (``0.00001``, ``1e-6`` where ``json.dumps`` writes ``1e-05``,
+    ``1e-06``).
+    """
+    return value == 0.0 or 1e-4 <= abs(value) <= _MAX_FLOAT
 
 
 def is_numeric_string(value: str) -> bool:

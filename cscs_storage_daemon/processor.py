@@ -214,7 +214,7 @@ class Processor:
                 log.info("order.erred")
                 return OrderOutcome("erred", order_type)
             if order_type == "terminate":
-                storage["status"] = "removing"
+                storage = {**storage, "status": "removing"}
             reading = self.stamps.for_order(order_uuid)
             local = reading.astimezone(offering.zone)
             # A name recorded by an interrupted attempt is reused, so a retry never makes a second file.

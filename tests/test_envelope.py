@@ -267,7 +267,7 @@ def assert_same_as_stdlib(document: dict[str, Any]) -> None:
 
 def storage_object(**changes: Any) -> dict[str, Any]:
     golden = json.loads(Path("/work/shared/golden/api/resource.json").read_text())
-    obj = map_resource(golden, MappingSettings())
+    obj = dict(map_resource(golden, MappingSettings()))  # a changed copy: plain, checked when rendered
     obj.update(changes)
     return obj
 

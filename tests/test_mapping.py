@@ -10,14 +10,18 @@ import pickle
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
+from cscs_storage_daemon.envelope import render, snapshot_envelope
 from cscs_storage_daemon.mapping import (
     InvalidResource,
     MappingSettings,
+    StorageObject,
     apply_order_changes,
     deterministic_uuid,
     effective_data_type,
@@ -483,9 +487,9 @@ def test_empty_metadata_item_and_mock_flag() -> None:
 
 
 def test_results_share_only_the_objects_of_a_value() -> None:
-    """Each result is a fresh dict (the processor sets an order's ``status`` in it) with its own mount point and
-    target; the objects that follow from one value (offering, file system, data type, permission, quotas) are
-    shared between results, which is what keeps 100 000 of them small: nothing may change those in place."""
+    """Each result is a fresh dict with its own mount point and target; the objects that follow from one value
+    (offering, file system, data type, permission, quotas) are shared between results, which is what keeps 100 000
+    of them small: nothing may change those in place."""
     first = map_resource(base_resource(), MappingSettings())
     second = map_resource(base_resource(), MappingSettings())
     assert first == second and first is not second
@@ -494,8 +498,58 @@ def test_results_share_only_the_objects_of_a_value() -> None:
     assert first["target"]["targetItem"] is not second["target"]["targetItem"]
     for key in ("permission", "quotas", "storageSystem", "storageFileSystem", "storageDataType"):
         assert first[key] is second[key]
-    first["status"] = "removing"
+    changed = {**first, "status": "removing"}  # how the processor marks a terminate order's object
+    assert changed["status"] == "removing" and first["status"] == "active"
     assert map_resource(base_resource(), MappingSettings()) == second
+
+
+def test_a_mapped_object_is_read_only() -> None:
+    """The renderer trusts a `StorageObject` without looking inside: nothing may change it after the mapping."""
+    result = map_resource(base_resource(), MappingSettings())
+    assert type(result) is StorageObject
+    for change in (
+        lambda: result.__setitem__("status", "removing"),
+        lambda: result.__delitem__("status"),
+        lambda: result.update(status="removing"),
+        lambda: result.setdefault("extra", 1.0),
+        lambda: result.pop("status"),
+        lambda: result.popitem(),
+        lambda: result.clear(),
+    ):
+        with pytest.raises(TypeError, match="read-only"):
+            change()
+    with pytest.raises(TypeError, match="read-only"):
+        result |= {"status": "removing"}
+    assert result["status"] == "active" and len(result) == 10
+    copy_ = dict(result)
+    copy_["status"] = "removing"
+    assert type(copy_) is dict and result["status"] == "active"
+    for clone in (copy.copy(result), copy.deepcopy(result), pickle.loads(pickle.dumps(result))):
+        assert type(clone) is StorageObject and clone == result
+
+
+@pytest.mark.parametrize(
+    ("changes", "trusted"),
+    [
+        ({"limits": {"storage": 50}}, True),
+        ({"limits": {"storage": 0.00001}}, False),  # 1e-05 TB: orjson writes 0.00001 where json.dumps writes 1e-05
+        ({"limits": {"storage": 0}}, True),  # quotas null
+        ({"options": {"soft_quota_space": 2e-6}}, False),
+        ({"backend_metadata": {"project_item": {"itemId": "x", "weight": 2.5}}}, True),
+        ({"backend_metadata": {"project_item": {"itemId": "x", "nested": [{"weight": 3e-7}]}}}, False),
+    ],
+)
+def test_only_objects_whose_floats_write_alike_are_trusted(changes: dict[str, Any], trusted: bool) -> None:
+    result = map_resource(base_resource(**changes), MappingSettings())
+    assert (type(result) is StorageObject) is trusted
+    assert type(result) in (StorageObject, dict)
+    expected = json.dumps(result, ensure_ascii=False, indent=2).encode()
+    assert (orjson.dumps(result, option=orjson.OPT_INDENT_2) == expected) is trusted
+    date = datetime(2025, 1, 1, tzinfo=UTC)
+    assert (
+        render(snapshot_envelope([result], date=date))
+        == (json.dumps(snapshot_envelope([result], date=date), ensure_ascii=False, indent=2) + "\n").encode()
+    )
 
 
 def test_mapping_does_not_modify_its_input() -> None:

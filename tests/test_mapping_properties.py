@@ -7,10 +7,11 @@ import math
 import uuid
 from typing import Any
 
+import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cscs_storage_daemon.mapping import InvalidResource, MappingSettings, map_resource, uuid_hex
+from cscs_storage_daemon.mapping import InvalidResource, MappingSettings, StorageObject, map_resource, uuid_hex
 from cscs_storage_daemon.mirror import kept_fields
 from cscs_storage_daemon.numbers import is_numeric_string, parse_number, uuid5_oid
 
@@ -127,6 +128,16 @@ resources = arbitrary_resources | nearly_valid_resources()
 def check_output(result: dict[str, Any]) -> None:
     text = json.dumps(result, allow_nan=False, ensure_ascii=False, indent=2)
     text.encode("utf-8")  # the file is written as UTF-8
+    # A StorageObject is handed to orjson unchecked: orjson must write it as json.dumps does (or refuse it, and the
+    # renderer falls back). A plain dict is checked: the mapping makes one only when orjson would write otherwise.
+    try:
+        by_orjson: bytes | None = orjson.dumps(result, option=orjson.OPT_INDENT_2)
+    except TypeError:
+        by_orjson = None
+    if type(result) is StorageObject:
+        assert by_orjson is None or by_orjson == text.encode("utf-8")
+    else:
+        assert type(result) is dict and by_orjson != text.encode("utf-8")
     assert list(result) == TOP_KEYS
     quotas = result["quotas"]
     assert quotas is None or (isinstance(quotas, list) and len(quotas) == 4)
