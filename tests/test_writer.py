@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from cscs_storage_daemon import writer as writer_module
 from cscs_storage_daemon.envelope import render, snapshot_envelope, snapshot_file_name
 from cscs_storage_daemon.writer import OutputWriter
 
@@ -318,3 +319,43 @@ def test_a_piece_that_cannot_be_written_keeps_the_old_file(tmp_path: Path) -> No
         out.write_pieces("x.json", iter([b"new", "not bytes", b"never"]))  # type: ignore[arg-type]
     assert (tmp_path / "x.json").read_bytes() == b"old\n"
     assert leftovers(tmp_path) == []
+
+
+def test_a_big_file_is_handed_to_the_disk_as_it_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each WRITEBACK_BYTES written, the kernel is asked to start writing them back (the fsync at the end then has
+    little left to wait for): the ranges asked for follow each other from the start, and the file is unchanged."""
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 64 << 10)
+    asked: list[tuple[int, int, int]] = []
+    real = writer_module.start_writeback
+
+    def recording(fd: int, offset: int, length: int, flags: int) -> int:
+        asked.append((offset, length, flags))
+        return real(fd, offset, length, flags) if real is not None else 0
+
+    monkeypatch.setattr(writer_module, "start_writeback", recording)
+    pieces = [bytes([i]) * (40 << 10) for i in range(20)]  # 800 KiB in pieces of 40 KiB
+    path = OutputWriter(tmp_path).write_pieces("big.json", iter([*pieces[:10], memoryview(b"".join(pieces[10:]))]))
+    assert path.read_bytes() == b"".join(pieces)
+    assert [offset for offset, _, _ in asked] == [0, *(sum(asked[i][:2]) for i in range(len(asked) - 1))]
+    assert all(length >= 64 << 10 for _, length, _ in asked) and {flags for _, _, flags in asked} == {2}
+    assert len(asked) == 6  # 10 pieces of 40 KiB asked for at 80, 160, ... 400 KiB, then the 400 KiB piece
+
+
+def test_a_refused_writeback_request_is_not_asked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 1024)
+    asked: list[int] = []
+
+    def refusing(fd: int, offset: int, length: int, flags: int) -> int:
+        asked.append(offset)
+        return -1  # EINVAL: a file system that does not take it
+
+    monkeypatch.setattr(writer_module, "start_writeback", refusing)
+    path = OutputWriter(tmp_path).write_pieces("x.json", iter([b"a" * 2048] * 5))
+    assert path.read_bytes() == b"a" * 10240 and asked == [0]
+    monkeypatch.setattr(writer_module, "start_writeback", None)  # a platform without it
+    assert OutputWriter(tmp_path).write_pieces("y.json", iter([b"b" * 2048] * 5)).read_bytes() == b"b" * 10240
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_the_writeback_request_is_found_on_linux() -> None:
+    assert writer_module.start_writeback is not None
