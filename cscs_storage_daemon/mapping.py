@@ -716,7 +716,10 @@ def gc_paused() -> Iterator[None]:
 
     The storage objects and mirror entries of a batch all survive it, and contain no reference cycles: collecting
     while they are built walks them again and again for nothing, and a full collection over everything the process
-    holds falls in the middle of the batch. Paused, they are collected once afterwards, at the collector's pace.
+    holds falls in the middle of the batch. When the outermost pause ends, what was made meanwhile goes straight to
+    the oldest generation, unexamined (`promote_to_oldest`): the young collection the pause deferred would walk it
+    all (~0.1 s for 100 000 storage objects) only to find it alive. A garbage cycle made meanwhile (a caught
+    exception's traceback, say) is freed by the next full collection.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -724,7 +727,22 @@ def gc_paused() -> Iterator[None]:
         yield
     finally:
         if was_enabled:
+            promote_to_oldest()
             gc.enable()
+
+
+def promote_to_oldest() -> None:
+    """Move every object the cyclic collector tracks to its oldest generation, without examining one.
+
+    `gc.freeze` moves them all to the permanent generation and `gc.unfreeze` moves that whole list back to the oldest
+    generation: two list splices, whatever their length. Where something already holds objects frozen (the replay
+    freezes the capture it runs), they are frozen with them instead, and go back when it unfreezes: unfreezing here
+    would hand the capture back to the collector.
+    """
+    already_frozen = gc.get_freeze_count()
+    gc.freeze()
+    if not already_frozen:
+        gc.unfreeze()
 
 
 # ------------------------------------------------------------------------------------------------ order files
