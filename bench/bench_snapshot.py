@@ -109,8 +109,8 @@ def run_pipeline(n: int, seed: int, writer: OutputWriter, zone: ZoneInfo) -> dic
                 except InvalidResource:
                     invalid += 1
             del page
-        with spent.timing():
-            gc.collect(0)  # the young collection the pause deferred (a listing's end)
+        mark = spent.mark()
+    spent.since(mark)  # the pause's end: what it made promoted to the oldest generation
     return _write_snapshot(objects, invalid, spent, writer, zone)
 
 
@@ -126,7 +126,8 @@ def run_listing(n: int, seed: int, writer: OutputWriter, zone: ZoneInfo) -> dict
             del page
         with spent.timing():
             changes = mirror.replace_all(listing)
-            gc.collect(0)  # the young collection the listing's pause deferred
+        mark = spent.mark()
+    spent.since(mark)  # the listing's pause ends: what it made promoted to the oldest generation
     del listing
     invalid = sum(1 for change in changes if change.error is not None)
     del changes
@@ -153,6 +154,13 @@ class _Spent:
             yield page
             self.wall += time.perf_counter() - t1
             self.cpu += time.process_time() - c1
+
+    def mark(self) -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def since(self, mark: tuple[float, float]) -> None:
+        self.wall += time.perf_counter() - mark[0]
+        self.cpu += time.process_time() - mark[1]
 
     @contextlib.contextmanager
     def timing(self) -> Iterator[None]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import stat
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cscs_storage_daemon import writer as writer_module
 from cscs_storage_daemon.envelope import render, snapshot_envelope, snapshot_file_name
@@ -321,41 +326,159 @@ def test_a_piece_that_cannot_be_written_keeps_the_old_file(tmp_path: Path) -> No
     assert leftovers(tmp_path) == []
 
 
-def test_a_big_file_is_handed_to_the_disk_as_it_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each WRITEBACK_BYTES written, the kernel is asked to start writing them back (the fsync at the end then has
-    little left to wait for): the ranges asked for follow each other from the start, and the file is unchanged."""
-    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 64 << 10)
-    asked: list[tuple[int, int, int]] = []
-    real = writer_module.start_writeback
+class WriteLog:
+    """``os.write`` as the writer calls it, recording each call's length and whether O_DIRECT was set then."""
 
-    def recording(fd: int, offset: int, length: int, flags: int) -> int:
-        asked.append((offset, length, flags))
-        return real(fd, offset, length, flags) if real is not None else 0
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct: int = 0) -> None:
+        self.calls: list[tuple[int, bool]] = []
+        self._real = os.write
+        self._refuse_direct = refuse_direct  # direct writes to refuse with EINVAL
+        monkeypatch.setattr(writer_module.os, "write", self)
 
-    monkeypatch.setattr(writer_module, "start_writeback", recording)
-    pieces = [bytes([i]) * (40 << 10) for i in range(20)]  # 800 KiB in pieces of 40 KiB
-    path = OutputWriter(tmp_path).write_pieces("big.json", iter([*pieces[:10], memoryview(b"".join(pieces[10:]))]))
+    def __call__(self, fd: int, data: Any) -> int:
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & writer_module.O_DIRECT)
+        if direct and self._refuse_direct:
+            self._refuse_direct -= 1
+            self.calls.append((0, True))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        written = self._real(fd, data)
+        self.calls.append((written, direct))
+        return written
+
+
+def pieces_of(sizes: list[int]) -> list[bytes]:
+    return [bytes([65 + i % 26]) * size for i, size in enumerate(sizes)]
+
+
+CHUNK = 64 << 10  # a multiple of any block size O_DIRECT may want
+
+
+@pytest.mark.skipif(not writer_module.O_DIRECT, reason="a platform without O_DIRECT")
+def test_a_big_file_is_written_in_whole_chunks_past_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every full chunk goes out in one direct write, the tail (less than a chunk) through the page cache, and the
+    file holds exactly the pieces, whatever their sizes against the chunk's."""
+    monkeypatch.setattr(writer_module, "DIRECT_CHUNK_BYTES", CHUNK)
+    log = WriteLog(monkeypatch)
+    pieces = pieces_of([1000, CHUNK, 3 * CHUNK + 17, 5, CHUNK - 1022, 40_000])
+    total = sum(map(len, pieces))
+    path = OutputWriter(tmp_path).write_pieces("big.json", iter([pieces[0], memoryview(pieces[1]), *pieces[2:]]))
     assert path.read_bytes() == b"".join(pieces)
-    assert [offset for offset, _, _ in asked] == [0, *(sum(asked[i][:2]) for i in range(len(asked) - 1))]
-    assert all(length >= 64 << 10 for _, length, _ in asked) and {flags for _, _, flags in asked} == {2}
-    assert len(asked) == 6  # 10 pieces of 40 KiB asked for at 80, 160, ... 400 KiB, then the 400 KiB piece
+    assert log.calls == [(CHUNK, True)] * (total // CHUNK) + [(total % CHUNK, False)]
+    assert mode_of(path) == 0o640 and leftovers(tmp_path) == []
 
 
-def test_a_refused_writeback_request_is_not_asked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 1024)
-    asked: list[int] = []
-
-    def refusing(fd: int, offset: int, length: int, flags: int) -> int:
-        asked.append(offset)
-        return -1  # EINVAL: a file system that does not take it
-
-    monkeypatch.setattr(writer_module, "start_writeback", refusing)
-    path = OutputWriter(tmp_path).write_pieces("x.json", iter([b"a" * 2048] * 5))
-    assert path.read_bytes() == b"a" * 10240 and asked == [0]
-    monkeypatch.setattr(writer_module, "start_writeback", None)  # a platform without it
-    assert OutputWriter(tmp_path).write_pieces("y.json", iter([b"b" * 2048] * 5)).read_bytes() == b"b" * 10240
+def test_a_file_smaller_than_a_chunk_is_written_as_usual(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "DIRECT_CHUNK_BYTES", CHUNK)
+    log = WriteLog(monkeypatch)
+    pieces = pieces_of([100, 200, CHUNK - 301])
+    assert OutputWriter(tmp_path).write_pieces("small.json", iter(pieces)).read_bytes() == b"".join(pieces)
+    assert log.calls == [(CHUNK - 1, False)]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
-def test_the_writeback_request_is_found_on_linux() -> None:
-    assert writer_module.start_writeback is not None
+@pytest.mark.skipif(not writer_module.O_DIRECT, reason="a platform without O_DIRECT")
+def test_a_direct_write_refused_goes_on_through_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that takes O_DIRECT at fcntl time but refuses the write (EINVAL): that chunk and the rest are
+    written through the page cache from where the file stood, and the file is whole."""
+    monkeypatch.setattr(writer_module, "DIRECT_CHUNK_BYTES", CHUNK)
+    pieces = pieces_of([CHUNK // 2] * 7)
+    log = WriteLog(monkeypatch, refuse_direct=1)
+    out = OutputWriter(tmp_path)
+    assert out.write_pieces("a.json", iter(pieces)).read_bytes() == b"".join(pieces)
+    assert log.calls == [(0, True), (CHUNK, False), (CHUNK, False), (CHUNK, False), (CHUNK // 2, False)]
+
+    real_fcntl = fcntl.fcntl
+
+    def refusing_fcntl(fd: int, command: int, arg: int = 0) -> int:
+        if command == fcntl.F_SETFL and arg & writer_module.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fcntl(fd, command, arg)
+
+    monkeypatch.setattr(writer_module.fcntl, "fcntl", refusing_fcntl)
+    log.calls.clear()
+    assert out.write_pieces("b.json", iter(pieces)).read_bytes() == b"".join(pieces)
+    assert log.calls == [(CHUNK, False)] * 3 + [(CHUNK // 2, False)]
+
+
+def test_without_o_direct_every_byte_goes_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer_module, "DIRECT_CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(writer_module, "O_DIRECT", 0)  # a platform without it
+    log = WriteLog(monkeypatch)
+    pieces = pieces_of([CHUNK + 1, CHUNK])
+    assert OutputWriter(tmp_path).write_pieces("x.json", iter(pieces)).read_bytes() == b"".join(pieces)
+    assert log.calls == [(CHUNK, False), (CHUNK, False), (1, False)]
+
+
+def test_a_failing_direct_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that fills up under a big write: the error reaches the caller, the old file stays, nothing is left."""
+    monkeypatch.setattr(writer_module, "DIRECT_CHUNK_BYTES", CHUNK)
+    out = OutputWriter(tmp_path)
+    out.write("all.json", b"old\n")
+    real_write = os.write
+    written = [0]
+
+    def filling(fd: int, data: Any) -> int:
+        if written[0] >= 3 * CHUNK:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        count = real_write(fd, data)
+        written[0] += count
+        return count
+
+    monkeypatch.setattr(writer_module.os, "write", filling)
+    with pytest.raises(OSError, match="No space left"):
+        out.write_pieces("all.json", iter(pieces_of([CHUNK // 4] * 40)))
+    assert (tmp_path / "all.json").read_bytes() == b"old\n"
+    assert leftovers(tmp_path) == []
+
+
+def test_many_pieces_wait_for_the_writing_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The renderer runs at most WRITE_AHEAD_BYTES ahead of the writing thread: with the writing thread held, it
+    stops after handing over that much, and goes on once the thread does."""
+    monkeypatch.setattr(writer_module, "DIRECT_CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(writer_module, "WRITE_AHEAD_BYTES", 4 * CHUNK)
+    release = threading.Event()
+    real_write = os.write
+
+    def held(fd: int, data: Any) -> int:
+        release.wait(30)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer_module.os, "write", held)
+    made: list[int] = []
+    sizes = [CHUNK // 2] * 24
+
+    def pieces() -> Iterator[bytes]:
+        for i, piece in enumerate(pieces_of(sizes)):
+            made.append(i)
+            yield piece
+
+    writing = threading.Thread(target=OutputWriter(tmp_path).write_pieces, args=("x.json", pieces()))
+    writing.start()
+    try:
+        pause = threading.Event()
+        for _ in range(1000):
+            if len(made) >= 10:
+                break
+            pause.wait(0.01)
+        pause.wait(0.2)  # time for the renderer to run further, if it (wrongly) would
+        # The first half-chunk is only copied (written at once); the second fills the chunk, whose write is held;
+        # the 3rd to 9th wait behind it (4 chunks' worth in all), and the 10th is made and waits to be handed over.
+        assert len(made) == 10
+    finally:
+        release.set()
+        writing.join(30)
+    assert (tmp_path / "x.json").read_bytes() == b"".join(pieces_of(sizes))
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3 * CHUNK), max_size=8), chunks=st.integers(1, 3))
+def test_any_pieces_are_written_exactly(sizes: list[int], chunks: int) -> None:
+    with tempfile.TemporaryDirectory() as directory, pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(writer_module, "DIRECT_CHUNK_BYTES", chunks * CHUNK)
+        monkeypatch.setattr(writer_module, "WRITE_AHEAD_BYTES", CHUNK)
+        pieces = pieces_of(sizes)
+        path = OutputWriter(directory).write_pieces("x.json", iter(pieces))
+        assert path.read_bytes() == b"".join(pieces)
