@@ -270,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"file size        {best['bytes'] / 1e6:.1f} MB  ({best['bytes'] / max(1, best['valid']):.0f} B/resource)")
     print(f"peak RSS         {peak:.0f} MiB  (at the end, everything held: {best['held'] / 1.048576:.0f} MiB)")
     print(f"output           {out_dir}")
-    ok = best["total"] < 1.0 and peak < 400
-    print("goal (< 1.0 s, < 400 MB)", "met" if ok else "NOT met")
+    if args.mode == "pipeline":
+        ok = best["total"] < 1.0 and peak < 400
+        print("goal (< 1.0 s, < 400 MB)", "met" if ok else "NOT met")
+    else:
+        print("goal             the pipeline's figure; this one is for comparison")
     return 0
 
 
