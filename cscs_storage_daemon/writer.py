@@ -172,15 +172,16 @@ class _ChunkedOutput:
             self._filled += count
             at += count
             if self._filled == len(view):
-                self._write_chunk(view)
+                self._write_out(view)
                 self._filled = 0
 
     def finish(self) -> None:
         """Write what is left (less than a chunk) through the page cache."""
+        self._direct = False
         if self._direct_on:
             self._set_direct(False)
         if self._view is not None and self._filled:
-            _write_all(self._fd, self._view[: self._filled])
+            self._write_out(self._view[: self._filled])
             self._filled = 0
 
     def release(self) -> None:
@@ -198,7 +199,8 @@ class _ChunkedOutput:
             self._view = memoryview(self._chunk)
         return self._view
 
-    def _write_chunk(self, view: memoryview) -> None:
+    def _write_out(self, view: memoryview) -> None:
+        """Write ``view`` whole: directly while that is on and taken, else through the page cache."""
         if self._direct and not self._direct_on:
             try:
                 self._set_direct(True)
@@ -220,10 +222,3 @@ class _ChunkedOutput:
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | O_DIRECT if on else flags & ~O_DIRECT)
         self._direct_on = on
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    """os.write until every byte of ``data`` is written (a regular file takes it all at once, but may not)."""
-    at = 0
-    while at < len(data):
-        at += os.write(fd, data[at:])
