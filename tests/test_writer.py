@@ -20,7 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cscs_storage_daemon import writer as writer_module
-from cscs_storage_daemon.envelope import render, snapshot_envelope, snapshot_file_name
+from cscs_storage_daemon.envelope import render, render_pieces, snapshot_envelope, snapshot_file_name
+from cscs_storage_daemon.mapping import MappingSettings, map_resource
+from cscs_storage_daemon.testing.sample_data import generate_resources
 from cscs_storage_daemon.writer import OutputWriter
 
 ORDER_NAME = "2025-03-14-09-26-create_0a1b2c3d4e5f40718293a4b5c6d7e8f9.json"
@@ -482,3 +484,15 @@ def test_any_pieces_are_written_exactly(sizes: list[int], chunks: int) -> None:
         pieces = pieces_of(sizes)
         path = OutputWriter(directory).write_pieces("x.json", iter(pieces))
         assert path.read_bytes() == b"".join(pieces)
+
+
+def test_a_real_size_all_json_written_directly_is_the_rendered_document(tmp_path: Path) -> None:
+    """With the writer's own chunk and write-ahead sizes: a ~23 MB all.json (several direct chunks and a tail)
+    streamed from `render_pieces` holds exactly `render`'s bytes."""
+    objects = [map_resource(raw, MappingSettings()) for raw in generate_resources(12_000, seed=7)]
+    document = snapshot_envelope(objects, date=START)
+    expected = render(document)
+    assert len(expected) > 2 * writer_module.DIRECT_CHUNK_BYTES
+    path = OutputWriter(tmp_path).write_pieces(snapshot_file_name(START), render_pieces(document))
+    assert path.read_bytes() == expected
+    assert mode_of(path) == 0o640 and leftovers(tmp_path) == []
