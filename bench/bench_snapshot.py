@@ -175,10 +175,9 @@ class _Spent:
 
     @contextlib.contextmanager
     def timing(self) -> Iterator[None]:
-        t, c = time.perf_counter(), time.process_time()
+        mark = self.mark()
         yield
-        self.wall += time.perf_counter() - t
-        self.cpu += time.process_time() - c
+        self.since(mark)
 
 
 def _write_snapshot(
